@@ -1,0 +1,1 @@
+"""A small invoicing app: the sample workspace the demo memorises."""

@@ -1,0 +1,1 @@
+"""mtlsp: completions from a memorizing transformer that reads your workspace."""

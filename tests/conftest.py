@@ -1,0 +1,36 @@
+"""Shared fixtures: a small real tokenizer trained on this repository's own sources, and a
+tiny random-initialised model config, so tests run in seconds on a CPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from mtlsp_model.model import ModelConfig
+from mtlsp_model.tokenizer import CodeTokenizer, train_tokenizer
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread():
+    # Tests are many small ops: extra threads only add contention on a 2-core machine.
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def code_texts() -> list[str]:
+    return [p.read_text() for p in sorted((REPO / "model").glob("*.py"))]
+
+
+@pytest.fixture(scope="session")
+def tok(code_texts) -> CodeTokenizer:
+    return train_tokenizer(code_texts, vocab_size=600)
+
+
+@pytest.fixture()
+def tiny_cfg(tok) -> ModelConfig:
+    return ModelConfig(vocab_size=tok.vocab_size, n_layer=3, n_head=2, d_model=32, seq_len=16,
+                       mem_layer=1, knn_k=4)
