@@ -207,4 +207,7 @@ def main(argv: list[str] | None = None) -> None:
             e.add_argument("--cursor-after", default="total = pricing.",
                            help="complete the line after the first occurrence of this text")
     a = p.parse_args(argv)
-    a.fn(a)
+    try:
+        a.fn(a)
+    except (OSError, ValueError) as e:  # bad weights, manifest, corpus or paths: say which, no traceback
+        sys.exit(f"{p.prog}: error: {e}")

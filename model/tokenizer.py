@@ -49,6 +49,8 @@ class CodeTokenizer:
         self.hf = hf
         self.base = hf.get_vocab_size()
         self.special = {name: self.base + i for i, name in enumerate(SPECIAL_TOKENS)}
+        # special ids by name, in the order of SPECIAL_TOKENS, for readable call sites
+        self.pad, self.file, self.fim_prefix, self.fim_suffix, self.fim_middle, self.eot = self.special.values()
         self.vocab_size = self.base + len(SPECIAL_TOKENS)
         char_to_byte = _byte_alphabet()
         table: list[bytes] = [b""] * self.base
@@ -58,31 +60,6 @@ class CodeTokenizer:
         self._byte_ids = [hf.token_to_id(c) for c in sorted(char_to_byte, key=char_to_byte.get)]
         if any(i is None for i in self._byte_ids):
             raise ValueError("tokenizer vocabulary lacks single-byte tokens; it cannot be lossless")
-
-    # special ids, named for readability at call sites
-    @property
-    def pad(self) -> int:
-        return self.special["<|pad|>"]
-
-    @property
-    def file(self) -> int:
-        return self.special["<|file|>"]
-
-    @property
-    def fim_prefix(self) -> int:
-        return self.special["<|fim_prefix|>"]
-
-    @property
-    def fim_suffix(self) -> int:
-        return self.special["<|fim_suffix|>"]
-
-    @property
-    def fim_middle(self) -> int:
-        return self.special["<|fim_middle|>"]
-
-    @property
-    def eot(self) -> int:
-        return self.special["<|eot|>"]
 
     def encode(self, text: str) -> list[int]:
         """Tokens of ``text``; strings with lone surrogates go through the byte path."""

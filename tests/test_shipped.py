@@ -47,14 +47,16 @@ def test_memory_of_a_file_helps_predict_it_again(shipped):
     ids = np.array(file_tokens(tok, "model/model.py", text))
     assert len(ids) > 3 * model.cfg.seq_len
     doc = np.concatenate([ids, ids])  # the same file twice: its second reading is beyond the XL cache
-    second = (len(ids), len(doc))
+
+    def score(tokens: np.ndarray, capacity: int):
+        stream = SegmentStream(tokens, [(0, len(tokens))], 1, model.cfg.seq_len, pad_id=tok.pad,
+                               shuffle=False, loop=False)
+        return score_stream(model, stream, capacity)
 
     def bits(capacity: int) -> float:
-        stream = SegmentStream(doc, [(0, len(doc))], 1, model.cfg.seq_len, pad_id=tok.pad, shuffle=False, loop=False)
-        runner_total = score_stream(model, stream, capacity)
-        first = SegmentStream(ids, [(0, len(ids))], 1, model.cfg.seq_len, pad_id=tok.pad, shuffle=False, loop=False)
-        head = score_stream(model, first, capacity)
-        return (runner_total.bits - head.bits) / (runner_total.tokens - head.tokens)
+        """Bits per token of the second reading: both readings minus the first alone."""
+        both, first = score(doc, capacity), score(ids, capacity)
+        return (both.bits - first.bits) / (both.tokens - first.tokens)
 
     without, with_memory = bits(0), bits(len(doc))
     print(f"second reading: {without:.3f} bits/token without memory, {with_memory:.3f} with")

@@ -83,5 +83,13 @@ def test_eval_refuses_a_trained_on_repository(corpus, tmp_path):
     repo = tmp_path / "modelpkg"
     (repo / "modelpkg").mkdir(parents=True)
     (repo / "modelpkg" / "__init__.py").write_text("x = 1\n")
-    with pytest.raises(ValueError, match="refusing"):
+    with pytest.raises(SystemExit, match="refusing to evaluate"):
         cli(["eval", "--weights", str(run / "weights"), "--repo", str(repo)])
+
+
+def test_cli_reports_bad_weights_without_a_traceback(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    proc = subprocess.run([sys.executable, "-m", "mtlsp_model", "demo", "--weights", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert "config.json is not valid JSON" in proc.stderr and "Traceback" not in proc.stderr
