@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .model import ModelConfig
 from .weights import CONFIG
 
 
@@ -51,11 +52,11 @@ def write_model_card(weights: Path, results: dict, *, title: str, notes: str = "
     training = config.get("training", {})
     manifest = json.loads((weights / "corpus_manifest.json").read_text())
     totals = manifest["totals"]
-    m = config["model"]
+    cfg = ModelConfig.from_dict(config["model"])
     size = sum(f.stat().st_size for f in weights.glob("model-*.safetensors"))
     rates = training.get("tokens_per_s", {})
     val = training.get("val", {})
-    kv = m["mem_kv_heads"]
+    kv = cfg.mem_kv_heads
     lines = [
         f"# {title}",
         "",
@@ -63,13 +64,13 @@ def write_model_card(weights: Path, results: dict, *, title: str, notes: str = "
         "",
         "## Model",
         "",
-        f"- Memorizing transformer, {training.get('params', 0) / 1e6:.2f}M parameters: {m['n_layer']} layers, "
-        f"width {m['d_model']}, {m['n_head']} heads, {m['vocab_size']:,}-token byte-level BPE, segments of "
-        f"{m['seq_len']} tokens, Transformer-XL cache of the previous segment "
-        f"({'on' if m['xl_cache'] else 'off'}).",
-        f"- kNN memory layer: block {(m['mem_layer'] if m['mem_layer'] >= 0 else max(0, 3 * m['n_layer'] // 4 - 1)) + 1}"
-        f" of {m['n_layer']}, top-{m['knn_k']} retrieval, {'one shared key/value head' if kv == 1 else f'{kv} key/value heads'}: "
-        f"{2 * m['mem_kv_heads'] * (m['d_model'] // m['n_head']) * 2} bytes per memorised token in fp16.",
+        f"- Memorizing transformer, {training.get('params', 0) / 1e6:.2f}M parameters: {cfg.n_layer} layers, "
+        f"width {cfg.d_model}, {cfg.n_head} heads, {cfg.vocab_size:,}-token byte-level BPE, segments of "
+        f"{cfg.seq_len} tokens, Transformer-XL cache of the previous segment "
+        f"({'on' if cfg.xl_cache else 'off'}).",
+        f"- kNN memory layer: block {cfg.memory_layer + 1}"
+        f" of {cfg.n_layer}, top-{cfg.knn_k} retrieval, {'one shared key/value head' if kv == 1 else f'{kv} key/value heads'}: "
+        f"{cfg.bytes_per_memory_token} bytes per memorised token in fp16.",
         f"- Weights: {config['dtype']} safetensors, {size / 1e6:.1f} MB.",
         "",
         "## Training",

@@ -27,9 +27,7 @@ from .dataset import write_dataset
 from .evaluate import evaluate_files, evaluate_repository
 from .tokenizer import CodeTokenizer
 from .train import PRESETS, Trainer
-from .weights import SHIPPED, WeightsError, load_weights
-
-MAX_OUT_FILE = 16 << 20
+from .weights import SHARD_BYTES, SHIPPED, WeightsError, load_weights
 
 
 def log(msg: str) -> None:
@@ -120,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
         subprocess.run([sys.executable, str(bench), "--preset", a.preset, "--sizes", sizes,
                         "--json", str(out / "bench.json")], check=False)
 
-    too_big = [f for f in out.rglob("*") if f.is_file() and f.stat().st_size > MAX_OUT_FILE]
+    too_big = [f for f in out.rglob("*") if f.is_file() and f.stat().st_size > SHARD_BYTES]
     if too_big:
         raise SystemExit(f"output files over 16 MiB: {too_big}")
     log(f"done in {time.time() - t_start:.0f}s; outputs in {out}")

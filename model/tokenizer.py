@@ -52,6 +52,7 @@ class CodeTokenizer:
         # special ids by name, in the order of SPECIAL_TOKENS, for readable call sites
         self.pad, self.file, self.fim_prefix, self.fim_suffix, self.fim_middle, self.eot = self.special.values()
         self.vocab_size = self.base + len(SPECIAL_TOKENS)
+        self._special_bytes = {i: name.encode() for name, i in self.special.items()}
         char_to_byte = _byte_alphabet()
         table: list[bytes] = [b""] * self.base
         for token, idx in hf.get_vocab().items():
@@ -90,8 +91,7 @@ class CodeTokenizer:
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         """Exact bytes of BPE ids; special tokens are rendered as their names."""
-        names = {v: k.encode() for k, v in self.special.items()}
-        return b"".join(self.token_bytes[i] if i < self.base else names[i] for i in ids)
+        return b"".join(self.token_bytes[i] if i < self.base else self._special_bytes[i] for i in ids)
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of ids; round-trips ``encode`` for any ``str``, lone surrogates included."""
