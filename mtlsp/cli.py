@@ -1,8 +1,9 @@
 """The ``mtlsp`` command.
 
-For now it fronts the engine: ``mtlsp demo`` memorises a sample workspace with the shipped
-weights and completes a line with and without that memory; ``mtlsp model ...`` is the model
-package's own command line (corpus, train, eval).  The language server will join it here.
+``mtlsp demo`` memorises a sample workspace with the shipped weights and completes a line with
+and without that memory; ``mtlsp index PATH... [--watch | --status]`` builds and keeps fresh the
+persistent memory of workspace folders; ``mtlsp model ...`` is the model package's own command
+line (corpus, train, eval).  The language server will join it here.
 """
 
 from __future__ import annotations
@@ -16,11 +17,16 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
-        print("\nusage: mtlsp demo [--workspace DIR --file REL --cursor-after TEXT] | mtlsp model COMMAND ...")
+        print("\nusage: mtlsp demo [--workspace DIR --file REL --cursor-after TEXT]"
+              " | mtlsp index PATH... [--watch | --status] | mtlsp model COMMAND ...")
         return
     if argv[0] == "demo":
         model_main(argv)
+    elif argv[0] == "index":
+        from .index_cli import main as index_main
+
+        index_main(argv[1:])
     elif argv[0] == "model":
         model_main(argv[1:])
     else:
-        sys.exit(f"mtlsp: unknown command {argv[0]!r} (try: mtlsp demo, mtlsp model --help)")
+        sys.exit(f"mtlsp: unknown command {argv[0]!r} (try: mtlsp demo, mtlsp index --help, mtlsp model --help)")

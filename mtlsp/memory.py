@@ -23,6 +23,7 @@ Guarantees, and how they are kept:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -247,6 +248,7 @@ class MemoryStore:
         self._ann_thread: threading.Thread | None = None
         self._ann_log: list[tuple] | None = None  # changes made while an IVF index is being built
         self._ann_changes = 0
+        self._bulk = 0  # > 0 while a bulk load holds IVF builds
         self._ann_query_source = "stored keys"
         self._recent_queries = np.zeros((256, dim), np.float32)
         self._n_recent = 0
@@ -509,7 +511,7 @@ class MemoryStore:
     def _reserve(self, n: int) -> None:
         if n <= self._keys.shape[0]:
             return
-        cap = max(n, 2 * self._keys.shape[0], 4096)
+        cap = max(n, self._keys.shape[0] * 5 // 4, 4096)  # x1.25: a doubling overshoots by 100s of MB
         for name in ("_keys", "_values", "_scales", "_pos", "_file"):
             old = getattr(self, name)
             new = np.zeros((cap, *old.shape[1:]), old.dtype)
@@ -720,15 +722,15 @@ class MemoryStore:
         files = {p: dict(f, chunks=[list(r) for r in f["chunks"]]) for p, f in old["files"].items()}
         seg = old["next_segment"]
         relocated: dict[ChunkId, ChunkId] = {}
-        fresh: dict[int, Entries] = {}
+        written: dict[int, int] = {}
         parts: list[Entries] = []
         rows = 0
 
-        def flush() -> None:
+        def flush() -> None:  # relocated chunks keep their slots: nothing is read back
             nonlocal seg, parts, rows
             if rows:
-                fresh[seg] = Entries.concat(parts, self.dim)
-                write_segment(self.dir, seg, fresh[seg])
+                write_segment(self.dir, seg, Entries.concat(parts, self.dim))
+                written[seg] = rows
                 seg, parts, rows = seg + 1, [], 0
 
         with self._lock:
@@ -746,10 +748,10 @@ class MemoryStore:
                         flush()
         flush()
         segments = {s: n for s, n in old["segments"].items() if s not in holey}
-        segments.update({s: len(e) for s, e in fresh.items()})
+        segments.update(written)
         new = dict(old, generation=old["generation"] + 1, next_segment=seg, files=files, segments=segments)
         write_manifest(self.dir, new)
-        self._sync_to(new, fresh, relocated)
+        self._sync_to(new, None, relocated)
         self._retire_segments(old, new)
         with self._lock:
             self._maybe_purge(force=True)
@@ -757,9 +759,21 @@ class MemoryStore:
 
     # ------------------------------------------------------------------ approximate index
 
+    @contextlib.contextmanager
+    def bulk(self):
+        """Hold IVF (re)builds during a bulk load (a full index): each would snapshot the store
+        and briefly hold two indexes; one build at the end does the job."""
+        self._bulk += 1
+        try:
+            yield self
+        finally:
+            self._bulk -= 1
+            if not self._bulk:
+                self._maybe_build_ann()
+
     def _maybe_build_ann(self, force: bool = False) -> None:
         """Start an IVF build when the store is large and has none, or has changed a lot."""
-        if self._mirror is not None or self._ann_thread is not None:
+        if self._mirror is not None or self._ann_thread is not None or self._bulk:
             return
         if self._truth.live < max(self.options.ann_threshold, _MIN_IVF_ENTRIES):
             return

@@ -1,0 +1,237 @@
+"""A workspace kept in memory: scan → read → chunk → encode what changed → store.
+
+One ``Indexer`` per workspace folder, over that folder's ``MemoryStore``.  ``refresh`` brings
+the whole folder up to date (the daemon's job, and the language server's at start);
+``sync_paths`` and ``update_text`` do the same for a few paths, which is what file watchers and
+editor events call.  The store decides nothing here; this module decides *what* to store:
+
+- a file whose content hash the store already holds is not read further;
+- within a changed file, chunks whose hash (path, context, bytes) the store holds are kept, not
+  re-encoded, also across restarts (the hashes live in the store's manifest);
+- work is committed every ``commit_tokens`` tokens, so an interrupted run loses at most that
+  much, and the next run resumes by skipping what is already stored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .chunks import chunk_file
+from .encode import Encoder, Job, chunk_hashes, preamble
+from .memory import FileUpdate, KeptChunk, MemoryStore, NewChunk
+from .scan import Rules, ScanOptions, content_problem, read_text, walk
+
+log = logging.getLogger("mtlsp.indexer")
+
+
+@dataclass
+class Progress:
+    files_done: int = 0
+    files_total: int = 0
+    bytes_done: int = 0
+    bytes_total: int = 0
+    tokens: int = 0  # tokens encoded so far
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / max(1e-9, time.monotonic() - self.started)
+
+    @property
+    def eta_s(self) -> float | None:
+        if not self.bytes_done:
+            return None
+        elapsed = time.monotonic() - self.started
+        return elapsed * (self.bytes_total - self.bytes_done) / self.bytes_done
+
+
+@dataclass
+class Report:
+    files: int = 0  # files the scan accepted
+    indexed: int = 0  # files whose entries changed
+    unchanged: int = 0
+    removed: int = 0
+    skipped: int = 0  # unreadable, binary, not UTF-8, generated...
+    chunks_encoded: int = 0
+    chunks_kept: int = 0
+    tokens_encoded: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class _Plan:
+    path: str
+    digest: str
+    data: bytes
+    chunks: list  # KeptChunk | Job, in file order
+
+
+class Indexer:
+    def __init__(
+        self,
+        root: str | Path,
+        store: MemoryStore,
+        encoder: Encoder,
+        *,
+        scan: ScanOptions | None = None,
+        commit_tokens: int = 16_384,
+    ) -> None:
+        self.root = Path(root).resolve()
+        self.store = store
+        self.encoder = encoder
+        self.scan = scan or ScanOptions()
+        self.rules = Rules(self.root, self.scan)
+        self.commit_tokens = commit_tokens
+        self._lock = threading.Lock()  # one indexing pass at a time (the encoder is not reentrant)
+
+    # ------------------------------------------------------------------ whole folder
+
+    def refresh(
+        self,
+        progress: Callable[[Progress], None] | None = None,
+        stop: threading.Event | None = None,
+    ) -> Report:
+        """Bring the store up to date with the folder; ``stop`` ends it early (consistently)."""
+        with self._lock, self.store.bulk():
+            t0 = time.monotonic()
+            report = Report()
+            self.rules = Rules(self.root, self.scan)  # .gitignore files may have changed
+            found = list(walk(self.root, self.scan))
+            report.files = len(found)
+            stored = self.store.files()
+            gone = sorted(stored.keys() - {f.path for f in found})
+            if gone:
+                self.store.remove_files(gone)
+                report.removed = len(gone)
+            prog = Progress(files_total=len(found), bytes_total=sum(f.size for f in found))
+            pending: list[_Plan] = []
+            pending_tokens = 0
+            for f in found:
+                if stop is not None and stop.is_set():
+                    break
+                plan = self._plan(f.path, None, report)
+                prog.files_done += 1
+                prog.bytes_done += f.size
+                if plan is not None:
+                    pending.append(plan)
+                    pending_tokens += sum(len(c.ids) for c in plan.chunks if isinstance(c, Job))
+                    if pending_tokens >= self.commit_tokens:
+                        prog.tokens += self._commit(pending, report)
+                        pending, pending_tokens = [], 0
+                if progress is not None:
+                    progress(prog)
+            if pending:
+                prog.tokens += self._commit(pending, report)
+                if progress is not None:
+                    progress(prog)
+            report.seconds = time.monotonic() - t0
+            return report
+
+    # ------------------------------------------------------------------ a few paths
+
+    def sync_paths(self, paths: Iterable[str]) -> Report:
+        """Re-read these workspace-relative paths: changed ones re-indexed, missing ones dropped.
+
+        What file watchers, didSave and didChangeWatchedFiles call.
+        """
+        with self._lock:
+            t0 = time.monotonic()
+            report = Report()
+            plans, gone = [], []
+            stored = self.store.files()
+            for rel in dict.fromkeys(paths):
+                path = self.root / rel
+                if not path.is_file() or self.rules.ignored_path(rel, False):
+                    if rel in stored:
+                        gone.append(rel)
+                    continue
+                skipped = report.skipped
+                plan = self._plan(rel, None, report)
+                if plan is not None:
+                    plans.append(plan)
+                elif rel in stored and report.skipped > skipped:
+                    gone.append(rel)  # now binary / generated / too big: forget the old entries
+            if gone:
+                self.store.remove_files(gone)
+                report.removed = len(gone)
+            if plans:
+                self._commit(plans, report)
+            report.seconds = time.monotonic() - t0
+            return report
+
+    def update_text(self, rel: str, text: str) -> Report:
+        """Index an editor buffer's text (unsaved edits too) under its workspace path."""
+        with self._lock:
+            t0 = time.monotonic()
+            report = Report()
+            if self.rules.ignored_path(rel, False):
+                return report
+            plan = self._plan(rel, text.encode("utf-8"), report)
+            if plan is not None:
+                self._commit([plan], report)
+            report.seconds = time.monotonic() - t0
+            return report
+
+    def relative(self, path: str | Path) -> str | None:
+        """``path`` relative to the workspace, or None if it lies outside."""
+        p = Path(path)
+        try:
+            return (p if p.is_absolute() else self.root / p).relative_to(self.root).as_posix()
+        except ValueError:
+            return None
+
+    # ------------------------------------------------------------------ internals
+
+    def _plan(self, rel: str, data: bytes | None, report: Report) -> _Plan | None:
+        """What storing ``rel`` takes, or None if it is unchanged or unreadable."""
+        if data is None:
+            got = read_text(self.root, rel, self.scan.max_bytes)
+            if got is None:
+                report.skipped += 1
+                return None
+            data = got[0]
+        else:
+            problem = content_problem(data, self.scan.max_bytes)
+            if problem:
+                log.info("not indexing %s: %s", rel, problem)
+                report.skipped += 1
+                return None
+        digest = hashlib.blake2b(data, digest_size=16).hexdigest()
+        info = self.store.file_info(rel)
+        if info is not None and info.content_hash == digest:
+            report.unchanged += 1
+            return None
+        have = {c.hash for c in info.chunks} if info else set()
+        chunks = chunk_file(rel, data)
+        pre = preamble(data, chunks)
+        planned: list = []
+        for c, h in zip(chunks, chunk_hashes(rel, data, chunks), strict=True):
+            planned.append(KeptChunk(c.start, c.end, h) if h in have else self.encoder.job(rel, data, c, h, pre))
+        return _Plan(rel, digest, data, planned)
+
+    def _commit(self, plans: list[_Plan], report: Report) -> int:
+        """Encode the plans' new chunks and store all plans in one generation."""
+        jobs = [c for p in plans for c in p.chunks if isinstance(c, Job)]
+        entries = dict(zip(map(id, jobs), self.encoder.encode(jobs), strict=True))
+        updates = []
+        for p in plans:
+            chunks = []
+            for c in p.chunks:
+                if isinstance(c, Job):
+                    chunks.append(NewChunk(c.chunk.start, c.chunk.end, c.hash, entries[id(c)]))
+                    report.chunks_encoded += 1
+                else:
+                    chunks.append(c)
+                    report.chunks_kept += 1
+            updates.append(FileUpdate(p.path, p.digest, chunks))
+        self.store.update(updates)
+        tokens = sum(len(j.ids) for j in jobs)
+        report.indexed += len(plans)
+        report.tokens_encoded += tokens
+        return tokens
