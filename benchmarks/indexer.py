@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from mtlsp_model.weights import SHIPPED, load_weights
 
-from mtlsp.encode import Encoder
+from mtlsp.encode import Encoder, bound_heap_retention
 from mtlsp.indexer import Indexer
 from mtlsp.memory import MemoryStore, StoreOptions
 from mtlsp.scan import read_text, walk
@@ -129,6 +129,7 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     loaded = load_weights(SHIPPED, device=device)
+    bound_heap_retention()  # as `mtlsp index` does
     encoder = Encoder(loaded.model, loaded.tokenizer)
     work = Path(tempfile.mkdtemp(dir=a.workdir))
     result: dict = {"machine": f"{platform.node()}, {os.cpu_count()} cores, device {device}",

@@ -99,7 +99,7 @@ def main(argv: list[str]) -> None:
 
     from mtlsp_model.weights import SHIPPED, WeightsError, load_weights
 
-    from .encode import Encoder
+    from .encode import Encoder, bound_heap_retention
     from .indexer import Indexer
     from .watch import Watcher
 
@@ -108,6 +108,7 @@ def main(argv: list[str]) -> None:
         loaded = load_weights(Path(a.weights) if a.weights else SHIPPED, device=device)
     except (WeightsError, StoreError, OSError) as e:
         sys.exit(f"mtlsp index: error: {e}")
+    bound_heap_retention()
     encoder = Encoder(loaded.model, loaded.tokenizer)
     options = StoreOptions(cap_tokens=a.memory_cap, device=device.type)
     indexers = []
