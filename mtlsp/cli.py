@@ -1,7 +1,7 @@
 """The ``mtlsp`` command.
 
-``mtlsp demo`` memorises a sample workspace with the shipped weights and completes a line with
-and without that memory; ``mtlsp index PATH... [--watch | --status]`` builds and keeps fresh the
+``mtlsp demo`` indexes a sample workspace into its persistent memory with the shipped weights,
+completes a line with and without that memory and shows where the memory's hits came from; ``mtlsp index PATH... [--watch | --status]`` builds and keeps fresh the
 persistent memory of workspace folders; ``mtlsp model ...`` is the model package's own command
 line (corpus, train, eval).  The language server will join it here.
 """
@@ -17,11 +17,13 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
-        print("\nusage: mtlsp demo [--workspace DIR --file REL --cursor-after TEXT]"
+        print("\nusage: mtlsp demo [--workspace DIR --file REL --cursor-after TEXT --cache-dir DIR]"
               " | mtlsp index PATH... [--watch | --status] | mtlsp model COMMAND ...")
         return
     if argv[0] == "demo":
-        model_main(argv)
+        from .demo import main as demo_main
+
+        demo_main(argv[1:])
     elif argv[0] == "index":
         from .index_cli import main as index_main
 

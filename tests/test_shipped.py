@@ -77,9 +77,19 @@ def test_memorize_then_complete(shipped):
 
 
 def test_demo_command(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", "from mtlsp.cli import main; main()", "demo"],
-                          capture_output=True, text=True, timeout=300, env=env)
+    """``mtlsp demo``: index the sample into a persistent store, complete, show provenance."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MTLSP_CACHE_DIR": str(tmp_path)}
+    cmd = [sys.executable, "-c", "from mtlsp.cli import main; main()", "demo"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr
     assert "without memory:" in proc.stdout and "with memory:" in proc.stdout
-    assert "memorised 2 files" in proc.stdout  # the file being completed is not memorised
+    assert "2 files (2 changed" in proc.stdout  # the file being completed is not memorised
+    assert "retrieved from: app/pricing.py:" in proc.stdout
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert "2 unchanged), 0 tokens encoded" in again.stdout  # the store persisted
+
+
+def test_demo_reports_bad_weights_without_a_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", "from mtlsp.cli import main; main()", "demo", "--weights", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "config.json is missing" in proc.stderr and "Traceback" not in proc.stderr
