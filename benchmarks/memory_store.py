@@ -32,7 +32,9 @@ from mtlsp_model.weights import SHIPPED, load_weights
 
 from mtlsp.knn import recall_at_k
 from mtlsp.memory import FileUpdate, MemoryStore, NewChunk, StoreOptions
+from mtlsp.encode import Encoder
 from mtlsp.memory_files import Entries
+from mtlsp.retrieval import entries_from_kv
 
 
 class QueryRecorder:
@@ -62,13 +64,11 @@ def python_files(root: Path) -> list[tuple[str, str]]:
 def encode_repo(loaded, root: Path, limit: int) -> list[tuple[str, Entries]]:
     """(path, entries) for files of ``root`` until ``limit`` tokens, each file one chunk."""
     model, tok = loaded.model, loaded.tokenizer
+    offsets = Encoder(model, tok).token_offsets
     files, total, t0 = [], 0, time.perf_counter()
     for path, text in python_files(root):
         ids = file_tokens(tok, path, text)[:8192]
-        kv = encode_entries(model, ids)
-        lengths = np.array([len(tok.token_bytes[i]) if i < tok.base else 0 for i in ids])
-        offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-        files.append((path, Entries.from_float(kv.keys[0, 0].numpy(), kv.values[0, 0].numpy(), offsets)))
+        files.append((path, entries_from_kv(encode_entries(model, ids), offsets(ids))))
         total += len(ids)
         if total >= limit:
             break

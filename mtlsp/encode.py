@@ -90,8 +90,14 @@ class Encoder:
         self.tok = tok
         self.batch_tokens = batch_tokens
         self.device = next(model.parameters()).device
-        # bytes per token id; text never encodes to special ids
-        self._lengths = np.array([len(tok.token_bytes[i]) for i in range(tok.base)])
+        # bytes per token id; special ids (file headers) stand for no bytes of the file
+        self._lengths = np.array([len(tok.token_bytes[i]) for i in range(tok.base)] + [0] * (tok.vocab_size - tok.base))
+
+    def token_offsets(self, ids: list[int]) -> np.ndarray:
+        """Each token's first byte in the text ``ids`` encode (relative to its start)."""
+        if not ids:
+            return np.zeros(0, np.int64)
+        return np.concatenate([[0], np.cumsum(self._lengths[ids])[:-1]])
 
     def job(self, path: str, data: bytes, chunk: Chunk, chunk_hash: str, pre: bytes) -> Job:
         """``pre``: the file's ``preamble``, read before every chunk but the first."""
@@ -99,9 +105,7 @@ class Encoder:
         if chunk.start > 0 and pre:
             context = context + self.tok.encode(pre.decode("utf-8"))
         ids = self.tok.encode(data[chunk.start : chunk.end].decode("utf-8"))
-        lengths = self._lengths[ids] if ids else np.zeros(0, np.int64)
-        offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if ids else np.zeros(0, np.int64)
-        return Job(chunk, chunk_hash, context, ids, offsets)
+        return Job(chunk, chunk_hash, context, ids, self.token_offsets(ids))
 
     @torch.no_grad()
     def encode(self, jobs: list[Job]) -> list[Entries]:

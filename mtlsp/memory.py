@@ -228,7 +228,6 @@ class MemoryStore:
         self._m = _empty_manifest(fingerprint, dim, workspace)
         self._manifest_stat: tuple | None = None
         self._orphans_checked = False  # leftovers of crashed writers are swept once per process
-        self._opening: dict | None = None  # the manifest being loaded at open
         self._last_check = 0.0
         self._chunk_slots: dict[ChunkId, np.ndarray] = {}
         self._seg_live: Counter[int] = Counter()
@@ -297,16 +296,18 @@ class MemoryStore:
             return
         if manifest is None:
             return
-        if manifest.get("fingerprint") != self.fingerprint or manifest.get("dim") != self.dim:
+        if not self._ours(manifest):
             self._refuse(
                 f"memory store {self.dir} was built by model {manifest.get('fingerprint')} "
                 f"(entries of {manifest.get('dim')} dims), not by {self.fingerprint} ({self.dim}); "
                 "rebuilding it from the files"
             )
             return
-        self._opening = manifest
-        self._sync_from_disk(manifest)
-        self._opening = None
+        self._sync_from_disk(manifest, at_open=True)
+
+    def _ours(self, manifest: dict) -> bool:
+        """Was this manifest written for our model (fingerprint) and entry size?"""
+        return manifest.get("fingerprint") == self.fingerprint and manifest.get("dim") == self.dim
 
     def _refuse(self, reason: str) -> None:
         """Refuse an unusable store: raise, or set it aside and start an empty one.
@@ -321,10 +322,8 @@ class MemoryStore:
                 current = read_manifest(self.dir)
             except CorruptStore:
                 current = None
-            if current is not None and current.get("fingerprint") == self.fingerprint and current.get("dim") == self.dim:
-                self._opening = current
-                self._sync_from_disk(current, locked=True)
-                self._opening = None
+            if current is not None and self._ours(current):
+                self._sync_from_disk(current, locked=True, at_open=True)
                 return
             log.warning(reason)
             self.reset_reason = reason
@@ -367,7 +366,7 @@ class MemoryStore:
             if manifest is None or manifest["generation"] <= self._m["generation"]:
                 self._note_manifest()
                 return False
-            if manifest.get("fingerprint") != self.fingerprint or manifest.get("dim") != self.dim:
+            if not self._ours(manifest):
                 raise StoreError(f"memory store {self.dir} was rebuilt by another model ({manifest.get('fingerprint')})")
             try:
                 self._sync_from_disk(manifest)
@@ -376,13 +375,17 @@ class MemoryStore:
                 continue
         return False
 
-    def _sync_from_disk(self, manifest: dict, locked: bool = False) -> None:
-        """Apply ``manifest``, reading the segments it adds; repair around corrupt ones."""
+    def _sync_from_disk(self, manifest: dict, *, locked: bool = False, at_open: bool = False) -> None:
+        """Apply ``manifest``, reading the segments it adds; repair around corrupt ones.
+
+        A missing segment is damage at open (or under the lock), but only a race for a reader
+        whose manifest a writer has just replaced: that reader reads the new one instead.
+        """
         try:
             self._sync_to(manifest)
         except (CorruptStore, FileNotFoundError) as e:
-            if isinstance(e, FileNotFoundError) and not locked and manifest is not self._opening:
-                raise  # a writer retired a segment under a reader: the caller reads again
+            if isinstance(e, FileNotFoundError) and not (locked or at_open):
+                raise
             if locked:
                 self._repair_locked(e)
             else:
@@ -425,7 +428,7 @@ class MemoryStore:
         are read before ``_lock`` is taken, so searches wait only for the in-RAM swap.
         """
         with self._sync_lock:
-            if manifest["generation"] <= self._m["generation"] and manifest is not self._opening:
+            if manifest["generation"] <= self._m["generation"]:
                 return
             self._sync_locked(manifest, fresh, relocated)
 
@@ -601,7 +604,9 @@ class MemoryStore:
                 files[put.path] = {"hash": put.content_hash, "edited": edited, "chunks": recs}
             for path in removes:
                 files.pop(path, None)
-            evicted = self._evict(files, protect={p.path for p in puts})
+            # live entries now plus those written is an upper bound: skip the walk under the cap
+            over = self._truth.live + rows > self.options.cap_tokens
+            evicted = self._evict(files, protect={p.path for p in puts}) if over else []
             if evicted:
                 log.info("memory over %d tokens: evicted %d file(s)", self.options.cap_tokens, len(evicted))
             new = self._next_manifest(old, files, seg if rows else None, rows)
@@ -633,7 +638,7 @@ class MemoryStore:
         """Under the writer lock: adopt whatever generation another writer committed."""
         manifest = read_manifest(self.dir)
         if manifest is not None and manifest["generation"] > self._m["generation"]:
-            if manifest.get("fingerprint") != self.fingerprint or manifest.get("dim") != self.dim:
+            if not self._ours(manifest):
                 raise StoreError(f"memory store {self.dir} was rebuilt by another model ({manifest.get('fingerprint')})")
             self._sync_from_disk(manifest, locked=True)
         if not self._orphans_checked:

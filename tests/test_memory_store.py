@@ -394,6 +394,7 @@ def test_shipped_model_reads_a_reloaded_store(tmp_path):
     from mtlsp_model.generate import encode_entries, file_tokens, memorize
     from mtlsp_model.weights import load_weights
 
+    from mtlsp.encode import Encoder
     from mtlsp.retrieval import StoreMemory, entries_from_kv
 
     loaded = load_weights()
@@ -402,12 +403,11 @@ def test_shipped_model_reads_a_reloaded_store(tmp_path):
     files = [(p.relative_to(sample).as_posix(), p.read_text()) for p in sorted(sample.rglob("*.py"))]
     store = MemoryStore.open(sample, fingerprint=loaded.fingerprint, dim=loaded.config.head_dim,
                              directory=tmp_path)
+    offsets = Encoder(model, tok).token_offsets
     puts = []
     for path, text in files:
         ids = file_tokens(tok, path, text)
-        lengths = [len(tok.token_bytes[i]) if i < tok.base else 0 for i in ids]
-        offsets = np.cumsum([0, *lengths[:-1]])
-        e = entries_from_kv(encode_entries(model, ids), offsets)
+        e = entries_from_kv(encode_entries(model, ids), offsets(ids))
         puts.append(FileUpdate(path, "h", [NewChunk(0, len(text.encode()), "c", e)]))
     store.update(puts)
     reopened = MemoryStore(tmp_path, fingerprint=loaded.fingerprint, dim=loaded.config.head_dim)
