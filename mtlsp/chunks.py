@@ -81,6 +81,12 @@ def _parser(ext: str) -> Parser:
     return Parser(Language(getattr(importlib.import_module(module), fn)()))
 
 
+def parser_for(path: str) -> Parser | None:
+    """The tree-sitter parser of ``path``'s language, or None where there is no grammar."""
+    ext = extension(path)
+    return _parser(ext) if ext in _GRAMMARS else None
+
+
 def _line_start(data: bytes, pos: int) -> int:
     return data.rfind(b"\n", 0, pos) + 1
 

@@ -126,7 +126,7 @@ def main(argv: list[str]) -> None:
             if not a.quiet:
                 sys.stderr.write("\n")
             print(f"{root}: {report.files} files ({report.indexed} indexed, {report.unchanged} unchanged, "
-                  f"{report.removed} removed, {report.skipped} skipped), {report.tokens_encoded:,} tokens encoded "
+                  f"{report.removed} removed, {report.skipped} skipped, {report.evicted} left out over the memory cap), {report.tokens_encoded:,} tokens encoded "
                   f"in {report.seconds:.1f} s ({report.tokens_encoded / max(report.seconds, 1e-9):,.0f} tok/s); "
                   f"store holds {store.stats()['entries']:,} tokens")
             if stop.is_set():

@@ -57,6 +57,7 @@ class Report:
     indexed: int = 0  # files whose entries changed
     unchanged: int = 0
     removed: int = 0
+    evicted: int = 0  # left out: evicted for capacity earlier and unchanged since
     skipped: int = 0  # unreadable, binary, not UTF-8, generated...
     chunks_encoded: int = 0
     chunks_kept: int = 0
@@ -88,7 +89,7 @@ class Indexer:
         self.scan = scan or ScanOptions()
         self.rules = Rules(self.root, self.scan)
         self.commit_tokens = commit_tokens
-        self._lock = threading.Lock()  # one indexing pass at a time (the encoder is not reentrant)
+        self._lock = threading.Lock()  # one plan or commit at a time (the encoder is not reentrant)
 
     # ------------------------------------------------------------------ whole folder
 
@@ -97,37 +98,48 @@ class Indexer:
         progress: Callable[[Progress], None] | None = None,
         stop: threading.Event | None = None,
     ) -> Report:
-        """Bring the store up to date with the folder; ``stop`` ends it early (consistently)."""
-        with self._lock, self.store.bulk():
+        """Bring the store up to date with the folder; ``stop`` ends it early (consistently).
+
+        The indexing lock is taken per file and per commit, not for the whole pass, so that
+        ``update_text`` and ``sync_paths`` (an editor's edits) get through during a long first
+        pass.  A file edited meanwhile may be stored from disk once more by this pass; callers
+        that feed unsaved buffers feed them again when it ends.
+        """
+        with self.store.bulk():
             t0 = time.monotonic()
             report = Report()
-            self.rules = Rules(self.root, self.scan)  # .gitignore files may have changed
-            found = list(walk(self.root, self.scan))
-            report.files = len(found)
-            stored = self.store.files()
-            gone = sorted(stored.keys() - {f.path for f in found})
-            if gone:
-                self.store.remove_files(gone)
-                report.removed = len(gone)
+            with self._lock:
+                self.rules = Rules(self.root, self.scan)  # .gitignore files may have changed
+                found = list(walk(self.root, self.scan))
+                report.files = len(found)
+                stored = self.store.files()
+                evicted = self.store.evicted()
+                gone = sorted((stored.keys() | evicted.keys()) - {f.path for f in found})
+                if gone:
+                    self.store.remove_files(gone)
+                    report.removed = len(gone)
             prog = Progress(files_total=len(found), bytes_total=sum(f.size for f in found))
             pending: list[_Plan] = []
             pending_tokens = 0
             for f in found:
                 if stop is not None and stop.is_set():
                     break
-                plan = self._plan(f.path, None, report)
+                with self._lock:
+                    plan = self._plan(f.path, None, report, evicted)
                 prog.files_done += 1
                 prog.bytes_done += f.size
                 if plan is not None:
                     pending.append(plan)
                     pending_tokens += sum(len(c.ids) for c in plan.chunks if isinstance(c, Job))
                     if pending_tokens >= self.commit_tokens:
-                        prog.tokens += self._commit(pending, report)
+                        with self._lock:
+                            prog.tokens += self._commit(pending, report)
                         pending, pending_tokens = [], 0
                 if progress is not None:
                     progress(prog)
             if pending:
-                prog.tokens += self._commit(pending, report)
+                with self._lock:
+                    prog.tokens += self._commit(pending, report)
                 if progress is not None:
                     progress(prog)
             report.seconds = time.monotonic() - t0
@@ -188,8 +200,12 @@ class Indexer:
 
     # ------------------------------------------------------------------ internals
 
-    def _plan(self, rel: str, data: bytes | None, report: Report) -> _Plan | None:
-        """What storing ``rel`` takes, or None if it is unchanged or unreadable."""
+    def _plan(self, rel: str, data: bytes | None, report: Report, evicted: dict[str, str] | None = None) -> _Plan | None:
+        """What storing ``rel`` takes, or None if it is unchanged or unreadable.
+
+        ``evicted`` (a refresh's): files the memory dropped for capacity, left out while their
+        content is the same; an editor's edit or a changed file brings them back.
+        """
         if data is None:
             got = read_text(self.root, rel, self.scan.max_bytes)
             if got is None:
@@ -203,6 +219,9 @@ class Indexer:
                 report.skipped += 1
                 return None
         digest = hashlib.blake2b(data, digest_size=16).hexdigest()
+        if evicted is not None and evicted.get(rel) == digest:
+            report.evicted += 1
+            return None
         info = self.store.file_info(rel)
         if info is not None and info.content_hash == digest:
             report.unchanged += 1
@@ -217,6 +236,7 @@ class Indexer:
 
     def _commit(self, plans: list[_Plan], report: Report) -> int:
         """Encode the plans' new chunks and store all plans in one generation."""
+        plans = [q for p in plans if (q := self._current(p)) is not None]
         jobs = [c for p in plans for c in p.chunks if isinstance(c, Job)]
         entries = dict(zip(map(id, jobs), self.encoder.encode(jobs), strict=True))
         updates = []
@@ -235,3 +255,12 @@ class Indexer:
         report.indexed += len(plans)
         report.tokens_encoded += tokens
         return tokens
+
+    def _current(self, plan: _Plan) -> _Plan | None:
+        """``plan`` again if the file's stored chunks changed since it was made (an editor's
+        buffer committed in between): the chunks it meant to keep may be gone."""
+        info = self.store.file_info(plan.path)
+        held = {c.hash for c in info.chunks} if info else set()
+        if all(c.hash in held for c in plan.chunks if isinstance(c, KeptChunk)):
+            return plan
+        return self._plan(plan.path, plan.data, Report())

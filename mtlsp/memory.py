@@ -606,10 +606,14 @@ class MemoryStore:
                 files.pop(path, None)
             # live entries now plus those written is an upper bound: skip the walk under the cap
             over = self._truth.live + rows > self.options.cap_tokens
+            hashes = {p: f["hash"] for p, f in files.items()} if over else {}
             evicted = self._evict(files, protect={p.path for p in puts}) if over else []
             if evicted:
                 log.info("memory over %d tokens: evicted %d file(s)", self.options.cap_tokens, len(evicted))
-            new = self._next_manifest(old, files, seg if rows else None, rows)
+            # remembered so that a refresh does not encode them again only to evict others
+            out = {p: h for p, h in old.get("evicted", {}).items() if p not in files and p not in removes}
+            out.update((p, hashes[p]) for p in evicted)
+            new = self._next_manifest(old, files, seg if rows else None, rows, evicted=out)
             fresh = {}
             if rows:
                 fresh[seg] = Entries.concat(parts, self.dim)
@@ -645,7 +649,8 @@ class MemoryStore:
             self._remove_orphans(self._m)
             self._orphans_checked = True
 
-    def _next_manifest(self, old: dict, files: dict, new_seg: int | None, rows: int) -> dict:
+    def _next_manifest(self, old: dict, files: dict, new_seg: int | None, rows: int,
+                       evicted: dict[str, str] | None = None) -> dict:
         diff = _diff(old["files"], files)
         live = Counter(self._seg_live)
         for cid, (_p, rec) in diff.removed.items():
@@ -661,6 +666,7 @@ class MemoryStore:
             next_segment=old["next_segment"] + (new_seg is not None),
             files=files,
             segments=segments,
+            evicted=old.get("evicted", {}) if evicted is None else evicted,
         )
 
     def _evict(self, files: dict, protect: set[str]) -> list[str]:
@@ -697,7 +703,7 @@ class MemoryStore:
         with self._write_lock, WriterLock(self.dir, self.options.lock_timeout):
             self._catch_up()
             old = self._m
-            new = self._next_manifest(old, {}, None, 0)
+            new = self._next_manifest(old, {}, None, 0, evicted={})
             write_manifest(self.dir, new)
             self._sync_to(new)
             self._retire_segments(old, new)
@@ -881,6 +887,11 @@ class MemoryStore:
         with self._lock:
             return {p: _file_info(f) for p, f in self._m["files"].items()}
 
+    def evicted(self) -> dict[str, str]:
+        """Files evicted for capacity and not stored since: path -> content hash at eviction."""
+        with self._lock:
+            return dict(self._m.get("evicted", {}))
+
     def file_info(self, path: str) -> FileInfo | None:
         with self._lock:
             f = self._m["files"].get(path)
@@ -902,7 +913,7 @@ class MemoryStore:
     def stats(self) -> dict:
         with self._lock:
             live = self._truth.live
-            disk = sum(e.stat().st_size for e in os.scandir(self.dir) if e.is_file())
+            disk = _disk_bytes(self.dir)
             ann = self._ann
             searcher = self._searcher()
             return {
@@ -929,6 +940,18 @@ class MemoryStore:
                 "ann_building": self._ann_thread is not None,
                 "reset_reason": self.reset_reason,
             }
+
+
+def _disk_bytes(directory: Path) -> int:
+    """Bytes of the files in ``directory``; a file another writer retires meanwhile counts 0."""
+    total = 0
+    for e in os.scandir(directory):
+        try:
+            if e.is_file():
+                total += e.stat().st_size
+        except FileNotFoundError:
+            continue
+    return total
 
 
 def _file_info(f: dict) -> FileInfo:

@@ -110,10 +110,10 @@ def test_content_filters_and_a_file_vanishing_mid_scan(tmp_path, encoder):
     gone = root / "many" / "f7.py"
     real_read = ix._plan
 
-    def vanish_then_plan(rel, data, report):
+    def vanish_then_plan(rel, data, report, *evicted):
         if rel == "many/f3.py":
             gone.unlink()  # deleted after the scan listed it, before it is read
-        return real_read(rel, data, report)
+        return real_read(rel, data, report, *evicted)
 
     ix._plan = vanish_then_plan
     report = ix.refresh()
@@ -309,3 +309,30 @@ def test_index_command_with_the_shipped_weights(tmp_path):
     assert "3 files" in status.stdout and "tokens" in status.stdout
     bad = subprocess.run(cmd[:-3] + [str(tmp_path / "nope")], capture_output=True, text=True, timeout=300, env=env)
     assert bad.returncode != 0 and "not a directory" in bad.stderr
+
+
+def test_files_evicted_for_capacity_are_not_reencoded_by_every_refresh(tmp_path, encoder):
+    root = tmp_path / "ws"
+    for i in range(4):
+        write(root, f"m{i}.py", "".join(f"def f{i}_{j}(x):\n    return x * {j}\n\n" for j in range(6)))
+    ix = make_indexer(root, tmp_path / "store", encoder)
+    first_pass = ix.refresh()
+    per_file = first_pass.tokens_encoded // 4
+    ix.store.options.cap_tokens = int(per_file * 2.5)  # room for two files
+    ix.refresh()  # unchanged files: nothing encoded, nothing evicted yet
+    write(root, "m9.py", "def late(y):\n    return y\n" * 20)
+    report = ix.refresh()
+    evicted = ix.store.evicted()
+    assert evicted and set(evicted) | set(ix.store.files()) == {f"m{i}.py" for i in range(4)} | {"m9.py"}
+    again = ix.refresh()
+    assert again.tokens_encoded == 0 and again.evicted == len(evicted)  # not brought back to be evicted
+    assert ix.store.evicted() == evicted
+    victim = sorted(evicted)[0]
+    write(root, victim, (root / victim).read_text() + "def changed():\n    return 1\n")
+    back = ix.refresh()  # a changed file comes back (and evicts another)
+    assert back.tokens_encoded > 0 and victim in ix.store.files() and victim not in ix.store.evicted()
+    deleted = sorted(ix.store.evicted())[0]
+    (root / deleted).unlink()
+    gone = ix.refresh()  # a deleted file is forgotten, evicted or not
+    assert gone.removed == 1 and deleted not in ix.store.evicted() and deleted not in ix.store.files()
+    assert report.indexed == 1

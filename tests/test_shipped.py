@@ -3,6 +3,7 @@ memory, use that memory, and drive the demo."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -77,19 +78,25 @@ def test_memorize_then_complete(shipped):
 
 
 def test_demo_command(tmp_path):
-    """``mtlsp demo``: index the sample into a persistent store, complete, show provenance."""
+    """``mtlsp demo``: a real LSP session against the server with the shipped weights."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MTLSP_CACHE_DIR": str(tmp_path)}
     cmd = [sys.executable, "-c", "from mtlsp.cli import main; main()", "demo"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr
-    assert "without memory:" in proc.stdout and "with memory:" in proc.stdout
-    assert "2 files (2 changed" in proc.stdout  # the file being completed is not memorised
-    assert "retrieved from: app/pricing.py:" in proc.stdout
+    out = proc.stdout
+    assert "progress begin: mtlsp: indexing sample_workspace" in out
+    assert int(re.search(r"(\d+) tokens encoded this run", out).group(1)) > 300
+    assert "2. typed summarize_quarterly_ledger() into app/pricing.py (unsaved): in memory after" in out
+    assert [m.group(1) for m in re.finditer(r"typed '(\w*)': popup \d+ ms", out)] == ["", "s", "su"]
+    assert re.search(r"supported by: .*app/pricing\.py:\d+", out)
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert "2 unchanged), 0 tokens encoded" in again.stdout  # the store persisted
+    assert again.returncode == 0, again.stderr
+    assert " 0 tokens encoded this run" in again.stdout  # the store persisted, and closing the
+    # edited buffers put the files on disk back into it
 
 
 def test_demo_reports_bad_weights_without_a_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-c", "from mtlsp.cli import main; main()", "demo", "--weights", str(tmp_path)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "config.json is missing" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("mtlsp demo: error:")

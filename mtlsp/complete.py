@@ -1,0 +1,291 @@
+"""Prompt + memory → completions: ghost text (greedy, to a syntactic stop) and popup items (beam).
+
+The server calls ``Completer`` from one worker thread.  Per document it keeps the model state of
+the last prompts (``decode.Context``), the last ghost text shown and the last popup list, so that:
+
+- a keystroke that matches the ghost text is answered from it, and one that extends the word
+  of the popup list from the items it still matches, without the model;
+- otherwise only the tokens after the prompt's unchanged prefix are computed.
+
+Every completion carries its **support**: the memory entries its tokens attended to, as the
+fraction of memory attention each file and line received (the layer's own softmax over the
+retrieved neighbours).  That is the provenance the editor shows.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import prompt, stops
+from .decode import Context, Decoder, check
+from .retrieval import StoreMemory
+
+LineOf = Callable[[str, int], int]  # (path, byte offset) -> 1-based line
+_SUFFIX = 64  # tokens of text after the cursor in a fill-in-the-middle prompt
+_PLAUSIBLE = 6.0  # popup items within this many nats of the best
+
+
+@dataclass(frozen=True)
+class Support:
+    path: str
+    line: int
+    weight: float  # share of the completion's memory attention
+
+
+@dataclass
+class Inline:
+    text: str  # inserted at the cursor
+    support: list[Support]
+    tokens: int  # generated tokens (0 when answered from the cache)
+    ms: float
+    cached: bool = False
+
+
+@dataclass
+class Candidate:
+    word: str  # the whole identifier, the typed part included
+    logprob: float
+    support: list[Support]
+
+
+@dataclass
+class _Shown:
+    before: str
+    after: str
+    text: str
+    support: list[Support]
+
+
+# ((Hits, rows, T), ...): the memory hits a completion's positions read.  Row r of a forward
+# over T tokens per batch row is query head (r // T) % H.
+Evidence = tuple
+
+
+@dataclass
+class Recall:
+    """A workspace folder's memory as completions use it."""
+
+    memory: StoreMemory
+    line_of: LineOf  # for provenance
+
+
+@dataclass
+class _Doc:
+    inline: Context | None = None
+    inline_evidence: Evidence = ()
+    popup: Context | None = None
+    popup_evidence: Evidence = ()
+    shown: _Shown | None = None
+    listed: tuple[list[int], str, list[Candidate]] | None = None  # popup: prompt ids, typed, items
+
+
+def support(evidence: Evidence, scale: np.ndarray, line_of: LineOf, top: int = 5) -> list[Support]:
+    """Files and lines by the share of memory attention their entries received.
+
+    The weights are the memory layer's own softmax over each query's retrieved neighbours
+    (similarity times the head's memory temperature), summed over heads and positions.
+    """
+    H = len(scale)
+    got: dict[tuple[str, int], float] = defaultdict(float)
+    for hits, rows, T in evidence:
+        if hits is None or not rows:
+            continue
+        r = np.asarray(rows)
+        ok = hits.mask[r]
+        s = np.where(ok, hits.scores[r].astype(np.float64), -np.inf) * scale[(r // T) % H][:, None]
+        best = s.max(axis=1, keepdims=True)
+        w = np.where(ok, np.exp(s - np.where(np.isfinite(best), best, 0.0)), 0.0)
+        w /= np.maximum(w.sum(axis=1, keepdims=True), 1e-12)
+        fids, offs = hits.file_ids[r], hits.offsets[r]
+        for i, j in zip(*np.nonzero(ok)):
+            got[(hits.path_table[fids[i, j]], int(offs[i, j]))] += float(w[i, j])
+    total = sum(got.values())
+    if total <= 0:
+        return []
+    lines: dict[tuple[str, int], float] = defaultdict(float)
+    for (path, offset), weight in got.items():
+        lines[(path, line_of(path, offset))] += weight
+    ranked = sorted(lines.items(), key=lambda kv: -kv[1])[:top]
+    return [Support(path, line, weight / total) for (path, line), weight in ranked]
+
+
+class Completer:
+    def __init__(self, decoder: Decoder, *, prefix_tokens: int = 384) -> None:
+        self.decoder = decoder
+        self.tok = decoder.tok
+        self.prefix_tokens = prefix_tokens
+        self.mem_scale = decoder.model.memory_attention.mem_log_scale.detach().float().exp().cpu().numpy()
+        self.H = decoder.model.cfg.n_head
+        self._docs: dict[str, _Doc] = {}
+        self._lock = threading.Lock()
+
+    def forget(self, uri: str) -> None:
+        with self._lock:
+            self._docs.pop(uri, None)
+
+    def _doc(self, uri: str) -> _Doc:
+        with self._lock:
+            return self._docs.setdefault(uri, _Doc())
+
+    # ------------------------------------------------------------------ ghost text
+
+    def inline(
+        self,
+        uri: str,
+        path: str,
+        text: str,
+        cursor: int,
+        recall: Recall | None,
+        *,
+        max_tokens: int,
+        cancel: threading.Event | None = None,
+    ) -> Inline:
+        t0 = time.perf_counter()
+        doc = self._doc(uri)
+        memory = recall.memory if recall else None
+        before, after = text[:cursor], text[cursor:]
+        shown = doc.shown
+        if shown is not None and after == shown.after and before.startswith(shown.before):
+            typed = before[len(shown.before):]
+            if len(shown.text) > len(typed) and shown.text.startswith(typed):
+                return Inline(shown.text[len(typed):], shown.support, 0, _ms(t0), cached=True)
+        scope = stops.scope(path, text, cursor)
+        budget = min(self.prefix_tokens, self.decoder.window - max_tokens - _SUFFIX - 8)
+        p = prompt.build(self.tok, path, text, cursor, prefix_tokens=budget, suffix_tokens=_SUFFIX)
+        ctx = self._prefill(doc, "inline", p.ids, memory, cancel)
+        evidence = doc.inline_evidence
+        heads = tuple(range(self.H))
+        stopper = stops.Stopper(scope)
+        out = b""
+        written = ""
+        n = 0
+        for n in range(1, max_tokens + 1):
+            check(cancel)
+            if len(ctx.ids) >= self.decoder.window:
+                break
+            scores = ctx.logits
+            if len(out) < len(p.required):
+                scores = scores + self.decoder.constraints.mask(p.required[len(out):], scores.device)
+            t = int(scores.argmax())
+            if t >= self.tok.base or not torch.isfinite(scores[t]):
+                break  # <|eot|> or another control token: the model says the gap is filled
+            out += self.tok.token_bytes[t]
+            if len(out) >= len(p.required):
+                written = out[len(p.required):].decode("utf-8", "ignore")
+                cut = stopper.cut(written)
+                if cut is not None:
+                    written = written[:cut]
+                    break
+            ctx = self.decoder.step([ctx], [t], memory)[0]
+            if memory is not None:
+                evidence += ((memory.last, heads, 1),)
+        result = stops.finish(written, scope)
+        ranked_support = support(evidence, self.mem_scale, recall.line_of) if recall else []
+        doc.shown = _Shown(before, after, result, ranked_support) if result else None
+        return Inline(result, ranked_support, n, _ms(t0))
+
+    # ------------------------------------------------------------------ popup
+
+    def popup(
+        self,
+        uri: str,
+        path: str,
+        text: str,
+        cursor: int,
+        recall: Recall | None,
+        *,
+        width: int = 4,
+        max_steps: int = 6,
+        items: int = 6,
+        cancel: threading.Event | None = None,
+    ) -> tuple[str, list[Candidate]]:
+        """The typed part of the word at the cursor, and the best identifiers it may become."""
+        doc = self._doc(uri)
+        memory = recall.memory if recall else None
+        budget = min(self.prefix_tokens, self.decoder.window - max_steps - 8)
+        p = prompt.build(self.tok, path, text, cursor, prefix_tokens=budget, fim=False)
+        if doc.listed is not None and doc.listed[0] == p.ids and p.typed.startswith(doc.listed[1]):
+            # typing on into a word already listed: the items it still matches, without the model
+            still = [c for c in doc.listed[2] if c.word.startswith(p.typed) and c.word != p.typed]
+            if still:
+                return p.typed, still
+        ctx = self._prefill(doc, "popup", p.ids, memory, cancel)
+        beams: list[tuple[Context, bytes, float, Evidence]] = [(ctx, b"", 0.0, doc.popup_evidence)]
+        done: dict[str, tuple[float, Evidence]] = {}
+        for _ in range(max_steps):
+            check(cancel)
+            grown: list[tuple[float, Context, bytes, int, Evidence]] = []
+            for c, out, lp, ev in beams:
+                scores = c.logits
+                if len(out) < len(p.required):
+                    scores = scores + self.decoder.constraints.mask(p.required[len(out):], scores.device)
+                top = torch.topk(scores, width)
+                for score, t in zip(top.values.tolist(), top.indices.tolist()):
+                    if score == float("-inf"):
+                        continue
+                    total = lp + score
+                    special = t >= self.tok.base
+                    grown_out = out if special else out + self.tok.token_bytes[t]
+                    word = _word(grown_out, p, ended=special)
+                    if word is None:
+                        grown.append((total, c, grown_out, t, ev))
+                    elif word and word != p.typed and (word not in done or done[word][0] < total):
+                        done[word] = (total, ev)
+            grown.sort(key=lambda g: -g[0])
+            grown = grown[:width]
+            ranks = sorted((v[0] for v in done.values()), reverse=True)
+            # stop once no open beam can enter the list (scores only fall as a beam grows)
+            if not grown or (len(ranks) >= items and grown[0][0] < ranks[items - 1]) or (
+                ranks and grown[0][0] < ranks[0] - _PLAUSIBLE
+            ):
+                break
+            ctxs = self.decoder.step([g[1] for g in grown], [g[3] for g in grown], memory)
+            hits = memory.last if memory is not None else None
+            beams = [
+                (ctxs[b], g[2], g[0], g[4] + ((hits, tuple(b * self.H + h for h in range(self.H)), 1),))
+                for b, g in enumerate(grown)
+            ]
+        best = sorted(done.items(), key=lambda kv: -kv[1][0])[:items]
+        if best:  # drop the tail the model itself finds implausible next to the best
+            best = [(w, v) for w, v in best if v[0] > best[0][1][0] - _PLAUSIBLE]
+        listed = [
+            Candidate(w, lp, support(ev, self.mem_scale, recall.line_of, top=3) if recall else [])
+            for w, (lp, ev) in best
+        ]
+        doc.listed = (p.ids, p.typed, listed)
+        return p.typed, listed
+
+    # ------------------------------------------------------------------ shared
+
+    def _prefill(self, doc: _Doc, kind: str, ids: list[int], memory: StoreMemory | None, cancel) -> Context:
+        """The prompt's model state, reusing the document's previous one; keeps its evidence."""
+        old = getattr(doc, kind)
+        ctx = self.decoder.prefill(ids, memory, reuse=old, cancel=cancel)
+        if ctx is not old:
+            T = self.decoder.last_width  # the last position's rows in the last forward's hits
+            hits = memory.last if memory is not None else None
+            setattr(doc, kind, ctx)
+            setattr(doc, kind + "_evidence", ((hits, tuple(h * T + T - 1 for h in range(self.H)), T),))
+        return ctx
+
+
+def _word(out: bytes, p: prompt.Prompt, ended: bool) -> str | None:
+    """The finished identifier once ``out`` runs past its end (or ``ended``), else None."""
+    if len(out) < len(p.required):
+        return "" if ended else None
+    full = p.typed + out[len(p.required):].decode("utf-8", "ignore")
+    i = 0
+    while i < len(full) and (full[i].isalnum() or full[i] == "_"):
+        i += 1
+    return full[:i] if i < len(full) or ended else None
+
+
+def _ms(t0: float) -> float:
+    return (time.perf_counter() - t0) * 1000

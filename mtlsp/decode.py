@@ -1,0 +1,147 @@
+"""Token ids → next-token scores, incrementally, with the memory layer reading a store.
+
+The language server asks for completions at every keystroke, and consecutive prompts share
+almost all of their tokens.  ``Decoder.prefill`` keeps each prompt's per-layer keys and values
+(``Context``) and, for the next prompt, recomputes only the tokens after the longest common
+prefix: typing inside a word leaves the healed prompt (see ``complete.py``) unchanged, so the
+cached scores are reused outright.
+
+``Constraint`` is token healing's half of decoding: the prompt stops before the characters the
+user has typed of the current word (and the token before them), and generation must reproduce
+those bytes first, so a prompt that ends mid-token cannot derail the model.
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+from dataclasses import dataclass
+
+import torch
+from mtlsp_model.memory import Memory
+from mtlsp_model.model import KV, MemorizingTransformer
+from mtlsp_model.runner import autocast
+from mtlsp_model.tokenizer import CodeTokenizer
+from torch import Tensor
+
+
+class Cancelled(Exception):
+    """The request was superseded or cancelled; raised between tokens."""
+
+
+def check(cancel: threading.Event | None) -> None:
+    if cancel is not None and cancel.is_set():
+        raise Cancelled()
+
+
+@dataclass
+class Context:
+    """A prompt the model has read: its ids, every layer's keys/values, the next-token scores."""
+
+    ids: list[int]
+    kv: list[KV]
+    logits: Tensor  # (V,) log-probabilities of the token after ``ids``
+
+    def truncated(self, n: int) -> list[KV]:
+        return [KV(k[:, :, :n], v[:, :, :n]) for k, v in self.kv]
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class Decoder:
+    """One model, read incrementally.  Not thread-safe: the server runs it on one worker."""
+
+    def __init__(self, model: MemorizingTransformer, tok: CodeTokenizer) -> None:
+        self.model = model
+        self.tok = tok
+        self.device = next(model.parameters()).device
+        self.window = 2 * model.cfg.seq_len  # positions the rotary tables (and training) cover
+        self.constraints = _TokenTable(tok)
+        self.last_width = 0  # tokens per row in the latest forward (to find rows in memory hits)
+        # the tied output embedding, transposed once: x @ W.T on the strided view is ~5x slower
+        self.head = model.embed.weight.detach().t().contiguous()
+
+    def prefill(
+        self,
+        ids: list[int],
+        memory: Memory | None,
+        reuse: Context | None = None,
+        cancel: threading.Event | None = None,
+    ) -> Context:
+        """Read ``ids``, reusing ``reuse``'s keys/values for the prefix the two share."""
+        if not ids:
+            raise ValueError("an empty prompt")
+        if len(ids) > self.window:
+            raise ValueError(f"a prompt of {len(ids)} tokens exceeds the {self.window}-token window")
+        n = common_prefix(reuse.ids, ids) if reuse is not None else 0
+        if reuse is not None and n == len(ids) == len(reuse.ids):
+            return reuse
+        n = min(n, len(ids) - 1)  # the last token is always run: its scores are the answer
+        past = reuse.truncated(n) if reuse is not None and n else None
+        logits = None
+        step = self.model.cfg.seq_len
+        for start in range(n, len(ids), step):
+            check(cancel)
+            logits, past = self._extend([ids[start : start + step]], past, memory)
+        assert logits is not None and past is not None
+        return Context(list(ids), past, torch.log_softmax(logits[0].float(), -1))
+
+    def step(self, ctxs: list[Context], tokens: list[int], memory: Memory | None) -> list[Context]:
+        """Append one token to each context, as one batch when they have the same length."""
+        if len({len(c.ids) for c in ctxs}) != 1:
+            return [self.step([c], [t], memory)[0] for c, t in zip(ctxs, tokens, strict=True)]
+        if len(ctxs[0].ids) + 1 > self.window:
+            raise ValueError("the completion ran past the context window")
+        past = [
+            KV(torch.cat([c.kv[i].keys for c in ctxs]), torch.cat([c.kv[i].values for c in ctxs]))
+            for i in range(len(ctxs[0].kv))
+        ] if len(ctxs) > 1 else ctxs[0].kv
+        logits, kv = self._extend([[t] for t in tokens], past, memory)
+        scores = torch.log_softmax(logits.float(), -1)
+        return [
+            Context(c.ids + [t], [KV(k[b : b + 1], v[b : b + 1]) for k, v in kv], scores[b])
+            for b, (c, t) in enumerate(zip(ctxs, tokens, strict=True))
+        ]
+
+    def _extend(self, rows: list[list[int]], past: list[KV] | None, memory: Memory | None):
+        self.last_width = len(rows[0])
+        x = torch.tensor(rows, device=self.device)
+        with torch.inference_mode(), autocast(self.device):
+            hidden, kv = self.model.extend(x, past, memory)
+            return hidden @ self.head.to(hidden.dtype), kv
+
+
+class _TokenTable:
+    """Which tokens are consistent with bytes that must come next (token healing)."""
+
+    def __init__(self, tok: CodeTokenizer) -> None:
+        pairs = sorted((b, i) for i, b in enumerate(tok.token_bytes[: tok.base]) if b)
+        self._sorted = [b for b, _ in pairs]
+        self._ids = [i for _, i in pairs]
+        self._exact = {b: i for b, i in pairs}
+        self.vocab = tok.vocab_size
+
+    def allowed(self, required: bytes) -> list[int]:
+        """Tokens that start with ``required`` or are a proper prefix of it."""
+        lo = bisect.bisect_left(self._sorted, required)
+        hi = len(self._sorted)
+        head = required.rstrip(b"\xff")
+        if head:  # the least byte string above every string that starts with ``required``
+            hi = bisect.bisect_left(self._sorted, head[:-1] + bytes([head[-1] + 1]))
+        ids = self._ids[lo:hi]
+        ids += [i for n in range(1, len(required)) if (i := self._exact.get(required[:n])) is not None]
+        return ids
+
+    def mask(self, required: bytes, device: torch.device) -> Tensor:
+        """Additive score mask: 0 for allowed tokens, -inf for the rest."""
+        m = torch.full((self.vocab,), float("-inf"), device=device)
+        allowed = self.allowed(required)
+        if allowed:
+            m[allowed] = 0.0
+        return m

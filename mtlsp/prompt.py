@@ -1,0 +1,89 @@
+"""A document and a cursor → the tokens the model reads, and the bytes it must write first.
+
+Three choices, each for a reason:
+
+- **Token healing.**  The prompt stops before the word being typed *and* the token before it;
+  those bytes become ``required``, which decoding must reproduce first (``decode.Constraint``).
+  A prompt cut mid-token (``self.pri|``) is a tokenization the model never saw in training;
+  healed, the model chooses the tokenization itself.  A side benefit: while the user types
+  inside one word the prompt's ids do not change, so the cached model state is reused whole.
+- **A window with stable edges.**  The prefix starts at a line boundary rounded to a block of
+  lines, and tokens beyond the budget are dropped in blocks, so successive keystrokes keep the
+  same start and share their prompt with the previous request.
+- **Fill-in-the-middle** (``<|fim_prefix|> P <|fim_suffix|> S <|fim_middle|>``, the order the
+  model was trained on) when there is code after the cursor, so the completion fits what
+  follows; a plain left-to-right prompt otherwise.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from mtlsp_model.tokenizer import CodeTokenizer
+
+_WORD_TAIL = re.compile(r"\w*\Z")
+_LINE_BLOCK = 32  # the prefix starts at a multiple of this many lines
+_TOKEN_BLOCK = 64  # and drops tokens beyond its budget this many at a time
+
+
+@dataclass(frozen=True)
+class Prompt:
+    ids: list[int]
+    required: bytes  # the healed bytes the completion must start with
+    typed: str  # the part of the current word left of the cursor
+    fim: bool
+
+
+def word_before(line_prefix: str) -> str:
+    """The identifier characters immediately left of the cursor."""
+    return _WORD_TAIL.search(line_prefix).group(0)  # type: ignore[union-attr]
+
+
+def build(
+    tok: CodeTokenizer,
+    path: str,
+    text: str,
+    cursor: int,
+    *,
+    prefix_tokens: int,
+    suffix_tokens: int = 64,
+    fim: bool = True,
+) -> Prompt:
+    """The prompt for a completion at character ``cursor`` of ``text`` (the file at ``path``)."""
+    before = text[:cursor]
+    line_start = before.rfind("\n") + 1
+    typed = word_before(before[line_start:])
+    head_end = cursor - len(typed)
+    start = _window_start(text, head_end, chars=prefix_tokens * 8)
+    ids = (tok.file_header(path) if start == 0 else []) + tok.encode(text[start:head_end])
+    if len(ids) > prefix_tokens:
+        block = min(_TOKEN_BLOCK, max(1, prefix_tokens // 4))  # a small budget keeps most of it
+        drop = -(-(len(ids) - prefix_tokens) // block) * block
+        ids = ids[drop:]
+    required = typed.encode("utf-8")
+    if ids and ids[-1] < tok.base:  # heal: let the model retokenize the last token and the word
+        required = tok.token_bytes[ids[-1]] + required
+        ids = ids[:-1]
+    after = text[cursor : cursor + suffix_tokens * 8]
+    use_fim = fim and after.strip() != ""
+    if use_fim:
+        suffix = tok.encode(after)[:suffix_tokens]
+        ids = [tok.fim_prefix, *ids, tok.fim_suffix, *suffix, tok.fim_middle]
+    if not ids:
+        ids = tok.file_header(path)
+    return Prompt(ids, required, typed, use_fim)
+
+
+def _window_start(text: str, end: int, chars: int) -> int:
+    """A line start about ``chars`` before ``end``, rounded down to a block of lines."""
+    if end <= chars:
+        return 0
+    line = text.count("\n", 0, end - chars)
+    line -= line % _LINE_BLOCK
+    if line == 0:
+        return 0
+    pos = -1
+    for _ in range(line):
+        pos = text.index("\n", pos + 1)
+    return pos + 1

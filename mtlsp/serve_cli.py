@@ -1,0 +1,37 @@
+"""``mtlsp serve [--tcp HOST:PORT]``: run the language server (stdio by default).
+
+Logs go to stderr (and, once the client is connected, to ``window/logMessage``); stdout
+carries the protocol alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .encode import bound_heap_retention
+from .server import build_server
+
+
+def main(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser(prog="mtlsp serve", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tcp", metavar="HOST:PORT", help="listen on TCP instead of stdio")
+    ap.add_argument("--weights", type=Path, help="weights directory (default: the shipped weights)")
+    ap.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: auto (or the client's setting)")
+    ap.add_argument("--cache-dir", help="where memory stores live (default: $XDG_CACHE_HOME/mtlsp)")
+    ap.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    a = ap.parse_args(argv)
+    logging.basicConfig(stream=sys.stderr, level=a.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("pygls").setLevel(max(logging.WARNING, logging.getLevelName(a.log_level)))
+    bound_heap_retention()
+    server = build_server(a.weights, a.device, a.cache_dir)
+    if a.tcp:
+        host, _, port = a.tcp.rpartition(":")
+        if not host or not port.isdigit():
+            ap.error("--tcp expects HOST:PORT, for example 127.0.0.1:2087")
+        server.start_tcp(host, int(port))
+    else:
+        server.start_io()

@@ -1,0 +1,206 @@
+"""What the server holds per workspace: the model once (``Engine``) and a ``Folder`` per root.
+
+A ``Folder`` owns a workspace folder's store, indexer and file watching, and two threads:
+
+- the *indexing* thread runs the first full pass (and re-index commands) with progress;
+- the *writer* thread applies editor events: open buffers' text after ``debounce`` seconds of
+  quiet (unsaved edits included, so a function typed in one buffer reaches the memory without a
+  save) and paths reported changed on disk.  The indexer's lock is per file and per commit, so
+  these get through while a long first pass runs; when the pass ends, the open buffers are fed
+  again, because the pass stores files as they are on disk.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from mtlsp_model.weights import Loaded, load_weights
+
+from .complete import Completer, Recall
+from .decode import Decoder
+from .encode import Encoder
+from .indexer import Indexer, Progress, Report
+from .memory import MemoryStore, StoreOptions
+from .retrieval import StoreMemory
+from .settings import Settings
+from .watch import Watcher
+
+log = logging.getLogger("mtlsp.workspace")
+
+
+class Engine:
+    """The model on its device, with its decoder, completer and encoder: shared by all folders."""
+
+    def __init__(self, loaded: Loaded, device: torch.device, weights: Path | None) -> None:
+        self.loaded = loaded
+        self.device = device
+        self.weights = weights
+        self.decoder = Decoder(loaded.model, loaded.tokenizer)
+        self.encoder = Encoder(loaded.model, loaded.tokenizer)
+
+    def completer(self, context_tokens: int) -> Completer:
+        return Completer(self.decoder, prefix_tokens=context_tokens)
+
+    @classmethod
+    def load(cls, weights: Path | None, device: str) -> Engine:
+        """Raises ``WeightsError`` (a clear message) for a missing or corrupt weights directory."""
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cuda" and not torch.cuda.is_available():
+            log.warning("device 'cuda' asked for, but torch sees no CUDA device: using the CPU")
+            device = "cpu"
+        dev = torch.device(device)
+        return cls(load_weights(weights, device=dev), dev, weights)
+
+
+@dataclass
+class IndexState:
+    phase: str = "starting"  # starting | indexing | ready | cancelled | failed
+    progress: Progress | None = None
+    report: Report | None = None
+    error: str | None = None
+
+
+class Folder:
+    def __init__(self, root: Path, engine: Engine, settings: Settings, *, texts: Callable[[str], str | None]) -> None:
+        """``texts(rel)`` returns an open buffer's current text (None if not open)."""
+        self.root = root.resolve()
+        self.engine = engine
+        self.texts = texts
+        options = StoreOptions(cap_tokens=settings.memory_cap)
+        self.store = MemoryStore.open(self.root, fingerprint=engine.loaded.fingerprint,
+                                      dim=engine.loaded.config.head_dim, cache_root=settings.store_path,
+                                      options=options)
+        self.indexer = Indexer(self.root, self.store, engine.encoder)
+        self.recall = Recall(StoreMemory(self.store), self.line_of)
+        self.state = IndexState()
+        self.debounce = settings.debounce_ms / 1000
+        self.watcher: Watcher | None = None
+        self._pending_text: dict[str, float] = {}  # rel -> when its buffer may be written
+        self._pending_paths: set[str] = set()
+        self._cond = threading.Condition()
+        self._stop = threading.Event()
+        self._index_stop = threading.Event()
+        self._index_thread: threading.Thread | None = None
+        self._writer = threading.Thread(target=self._write_loop, name=f"mtlsp-writer-{self.root.name}", daemon=True)
+        self._writer.start()
+        self._disk: dict[str, tuple[int, bytes]] = {}  # rel -> (mtime_ns, bytes), for provenance lines
+
+    # ------------------------------------------------------------------ indexing
+
+    def index(self, on_progress: Callable[[Progress], None], on_done: Callable[[IndexState], None]) -> threading.Event:
+        """Start a full pass in the background; the returned event cancels it."""
+        if self._index_thread is not None and self._index_thread.is_alive():
+            self._index_stop.set()
+            self._index_thread.join()
+        self._index_stop = stop = threading.Event()
+
+        def run() -> None:
+            self.state = IndexState("indexing")
+            try:
+                report = self.indexer.refresh(progress=self._progress(on_progress), stop=stop)
+                self.state = IndexState("cancelled" if stop.is_set() else "ready", self.state.progress, report)
+            except Exception as e:  # a broken store or model must not take the server down
+                log.exception("indexing %s failed", self.root)
+                self.state = IndexState("failed", self.state.progress, error=str(e))
+            self.refeed_open_buffers()
+            on_done(self.state)
+
+        self._index_thread = threading.Thread(target=run, name=f"mtlsp-index-{self.root.name}", daemon=True)
+        self._index_thread.start()
+        return stop
+
+    def _progress(self, on_progress: Callable[[Progress], None]) -> Callable[[Progress], None]:
+        def report(p: Progress) -> None:
+            self.state.progress = p
+            on_progress(p)
+        return report
+
+    def watch_disk(self) -> None:
+        """Watch the folder with watchdog (for clients that do not report file changes)."""
+        if self.watcher is None:
+            self.watcher = Watcher(self.indexer, debounce=self.debounce)
+            self.watcher.start()
+
+    # ------------------------------------------------------------------ editor events
+
+    def buffer_changed(self, rel: str) -> None:
+        with self._cond:
+            self._pending_text[rel] = time.monotonic() + self.debounce
+            self._cond.notify_all()
+
+    def paths_changed(self, rels: list[str]) -> None:
+        with self._cond:
+            self._pending_paths.update(rels)
+            self._cond.notify_all()
+
+    def refeed_open_buffers(self) -> None:
+        with self._cond:
+            self._pending_text.update({rel: 0.0 for rel in self._open_rels()})
+            self._cond.notify_all()
+
+    def _open_rels(self) -> list[str]:
+        return [rel for rel in self.store.open_files if self.texts(rel) is not None]
+
+    def _write_loop(self) -> None:
+        """Apply editor events until ``close``; what is pending then is applied before exiting."""
+        while True:
+            with self._cond:
+                now = time.monotonic()
+                stopping = self._stop.is_set()
+                due = [rel for rel, t in self._pending_text.items() if t <= now or stopping]
+                paths = sorted(self._pending_paths)
+                if not due and not paths:
+                    if stopping:
+                        return
+                    wait = min(self._pending_text.values(), default=now + 3600) - now
+                    self._cond.wait(timeout=max(0.0, wait))
+                    continue
+                for rel in due:
+                    del self._pending_text[rel]
+                self._pending_paths.clear()
+            try:
+                for rel in due:
+                    text = self.texts(rel)
+                    if text is not None:
+                        self.indexer.update_text(rel, text)
+                if paths:
+                    self.indexer.sync_paths(paths)
+            except Exception:  # one bad file or a busy store must not stop later updates
+                log.exception("updating the memory of %s failed; the next change retries", self.root)
+
+    # ------------------------------------------------------------------ provenance
+
+    def line_of(self, rel: str, offset: int) -> int:
+        """1-based line of a byte offset in ``rel`` as the memory holds it (buffer, else disk)."""
+        text = self.texts(rel)
+        if text is not None:
+            data = text.encode("utf-8")
+        else:
+            path = self.root / rel
+            try:
+                mtime = path.stat().st_mtime_ns
+                cached = self._disk.get(rel)
+                if cached is None or cached[0] != mtime:
+                    cached = self._disk[rel] = (mtime, path.read_bytes())
+                data = cached[1]
+            except OSError:
+                return 0
+        return data.count(b"\n", 0, offset) + 1
+
+    def close(self) -> None:
+        self._stop.set()
+        self._index_stop.set()
+        with self._cond:
+            self._cond.notify_all()
+        if self.watcher is not None:
+            self.watcher.stop()
+        if self._index_thread is not None:
+            self._index_thread.join()
+        self._writer.join()

@@ -1,0 +1,575 @@
+"""The parts of a completion: the prompt (token healing, window, FIM), where a completion stops
+(scope, Stopper, finish), and incremental decoding (Decoder, token constraints)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mtlsp import prompt
+from mtlsp.decode import Decoder, common_prefix
+from mtlsp.stops import Stopper, finish, scope
+from mtlsp_model.memory import TensorMemory
+from mtlsp_model.model import MemorizingTransformer
+
+REPO = Path(__file__).resolve().parent.parent
+LONG_TEXT = (REPO / "model" / "model.py").read_text()  # a long real source file (300+ lines)
+
+SMALL = "import os\n\n\ndef total(order):\n    return order.pricing.com"
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def split_prompt(tok, p: prompt.Prompt) -> tuple[list[int], list[int]]:
+    """(prefix ids, suffix ids) of a prompt, with the FIM sentinels removed."""
+    ids = p.ids
+    if not p.fim:
+        assert tok.fim_prefix not in ids and tok.fim_suffix not in ids and tok.fim_middle not in ids
+        return list(ids), []
+    assert ids[0] == tok.fim_prefix and ids[-1] == tok.fim_middle
+    assert ids.count(tok.fim_prefix) == ids.count(tok.fim_suffix) == ids.count(tok.fim_middle) == 1
+    s = ids.index(tok.fim_suffix)
+    return ids[1:s], ids[s + 1 : -1]
+
+
+def check_healed_from_start(tok, path: str, text: str, cursor: int, p: prompt.Prompt) -> None:
+    """For a window starting at 0: header, then the text, then the healed bytes, exactly."""
+    prefix, _ = split_prompt(tok, p)
+    header = tok.file_header(path)
+    assert tok.decode_bytes(prefix) + p.required == tok.decode_bytes(header) + text[:cursor].encode()
+    assert p.required.endswith(p.typed.encode())
+
+
+# --------------------------------------------------------------------------- prompt
+
+
+@pytest.mark.parametrize(
+    ("line", "word"),
+    [("    return order.pricing.com", "com"), ("x = ", ""), ("foo(", ""), ("a_1", "a_1"),
+     ("print(café", "café"), ("x.y2", "y2"), ("", ""), ("s = '😀", "")],
+)
+def test_word_before(line, word):
+    assert prompt.word_before(line) == word
+
+
+def test_healing_drops_word_and_token_before(tok):
+    path = "src/shop.py"
+    cursor = len(SMALL)
+    p = prompt.build(tok, path, SMALL, cursor, prefix_tokens=200)
+    assert not p.fim and p.typed == "com"
+    header = tok.file_header(path)
+    body = tok.encode(SMALL[: cursor - len("com")])
+    # the prompt is the header and the text before the word, less its last token ...
+    assert p.ids == header + body[:-1]
+    # ... whose bytes, with the typed word, must be written first
+    assert p.required == tok.token_bytes[body[-1]] + b"com"
+    assert p.ids[: len(header)] == header  # the header leads when the window starts at 0
+    check_healed_from_start(tok, path, SMALL, cursor, p)
+
+
+@pytest.mark.parametrize("cut", [0, 1, 5, 12, 20, len(SMALL) - 3, len(SMALL)])
+def test_healing_round_trips_at_any_cursor(tok, cut):
+    text = SMALL + "\n"
+    for fim in (False, True):
+        p = prompt.build(tok, "a.py", text, cut, prefix_tokens=200, fim=fim)
+        check_healed_from_start(tok, "a.py", text, cut, p)
+
+
+def test_ids_stable_while_typing_one_word(tok):
+    base = SMALL[: -len("com")]
+    prompts = [prompt.build(tok, "a.py", base + w, len(base + w), prefix_tokens=200)
+               for w in ("", "c", "co", "com", "compute")]
+    assert [p.typed for p in prompts] == ["", "c", "co", "com", "compute"]
+    assert all(p.ids == prompts[0].ids for p in prompts)
+    assert [p.required for p in prompts] == [prompts[0].required + w.encode()
+                                            for w in ("", "c", "co", "com", "compute")]
+
+
+def test_ids_stable_while_typing_with_text_after(tok):
+    # FIM prompts too: the suffix does not change while typing, neither do the ids
+    base = SMALL[: -len("com")]
+    after = "\n\nprint(total(None))\n"
+    ps = [prompt.build(tok, "a.py", base + w + after, len(base + w), prefix_tokens=200)
+          for w in ("c", "co", "com")]
+    assert all(p.fim for p in ps)
+    assert ps[0].ids == ps[1].ids == ps[2].ids
+
+
+def test_fim_only_when_code_follows(tok):
+    head = "def f(x):\n    return x."
+    after = "\n\ny = f(3)\n"
+    text = head + after
+    p = prompt.build(tok, "a.py", text, len(head), prefix_tokens=200, suffix_tokens=64)
+    assert p.fim
+    prefix, suffix = split_prompt(tok, p)
+    assert suffix == tok.encode(after)[:64]
+    check_healed_from_start(tok, "a.py", text, len(head), p)
+
+    blank = head + "\n   \n\t\n"
+    q = prompt.build(tok, "a.py", blank, len(head), prefix_tokens=200)
+    assert not q.fim
+    split_prompt(tok, q)  # asserts no sentinel at all
+    assert q.ids == prefix  # the same left part as with FIM
+
+    r = prompt.build(tok, "a.py", text, len(head), prefix_tokens=200, fim=False)
+    assert not r.fim and r.ids == prefix and r.required == p.required
+
+
+def test_fim_suffix_budget(tok):
+    cursor = 2000
+    p = prompt.build(tok, "model.py", LONG_TEXT, cursor, prefix_tokens=100, suffix_tokens=20)
+    _, suffix = split_prompt(tok, p)
+    assert len(suffix) == 20
+    assert suffix == tok.encode(LONG_TEXT[cursor : cursor + 160])[:20]
+
+
+@pytest.mark.parametrize("budget", [64, 100, 300])
+@pytest.mark.parametrize("fim", [False, True])
+def test_prefix_budget_honoured(tok, budget, fim):
+    cursor = LONG_TEXT.rindex("\n", 0, len(LONG_TEXT) - 500) + 9  # well into the file
+    p = prompt.build(tok, "model.py", LONG_TEXT, cursor, prefix_tokens=budget, fim=fim)
+    prefix, _ = split_prompt(tok, p)
+    assert len(prefix) <= budget
+    # dropped in blocks of 64 tokens, one more healed: the budget is used, not wasted
+    assert len(prefix) >= budget - 64 - 1
+    # what is kept is the text just before the cursor, whole tokens dropped from the front
+    kept = tok.decode_bytes(prefix) + p.required
+    assert LONG_TEXT[:cursor].encode().endswith(kept)
+    assert tok.file not in prefix  # the window does not start at 0: no header
+
+
+def test_small_prefix_budget_keeps_text_before_cursor(tok):
+    text = "total = price * count\n" * 3 + "print(tot"  # 49 prompt tokens with the header
+    p = prompt.build(tok, "a.py", text, len(text), prefix_tokens=40)
+    prefix, _ = split_prompt(tok, p)
+    assert len(prefix) <= 40
+    assert (tok.decode_bytes(prefix) + p.required).endswith(b"print(tot")
+
+
+def test_window_starts_at_a_block_of_lines():
+    for end in (500, 3000, 8000, len(LONG_TEXT)):
+        for chars in (400, 1600):
+            start = prompt._window_start(LONG_TEXT, end, chars)
+            assert start <= max(0, end - chars)
+            assert start == 0 or LONG_TEXT[start - 1] == "\n"
+            assert LONG_TEXT.count("\n", 0, start) % 32 == 0
+    assert prompt._window_start(LONG_TEXT, 300, 400) == 0
+
+
+def test_window_start_stable_while_typing(tok):
+    # type a few characters in the middle of a long file; the prompts keep a long shared start
+    at = LONG_TEXT.index("\n", len(LONG_TEXT) // 2)
+    typed = " x + y"
+    prompts = []
+    for k in range(len(typed) + 1):
+        text = LONG_TEXT[:at] + typed[:k] + LONG_TEXT[at:]
+        prompts.append(prompt.build(tok, "model.py", text, at + k, prefix_tokens=200))
+    first = prompts[0].ids
+    assert all(p.fim for p in prompts)
+    for p in prompts[1:]:
+        assert common_prefix(first, p.ids) >= 150
+
+
+@pytest.mark.parametrize("cursor_offset", [0, 1, 3, 7])
+def test_window_start_stable_a_few_chars_apart(tok, cursor_offset):
+    c = 8000
+    a = prompt.build(tok, "model.py", LONG_TEXT, c, prefix_tokens=200, fim=False)
+    b = prompt.build(tok, "model.py", LONG_TEXT, c + cursor_offset, prefix_tokens=200, fim=False)
+    assert common_prefix(a.ids, b.ids) >= min(len(a.ids), len(b.ids)) - 2 >= 150
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["s = 'café 😀'\nnom_é", "s = 'café 😀'\nx = '😀", "# 日本語のコメント\nvariable_", "é"],
+)
+def test_non_ascii_round_trips(tok, text):
+    for cursor in range(len(text) + 1):
+        p = prompt.build(tok, "ünï.py", text, cursor, prefix_tokens=200)
+        check_healed_from_start(tok, "ünï.py", text, cursor, p)
+        if p.fim:
+            _, suffix = split_prompt(tok, p)
+            assert tok.decode(suffix) == text[cursor:]
+
+
+def test_healed_bytes_may_split_a_character(tok):
+    # a multi-byte character split over tokens: the prompt and the healed bytes still join up
+    text = "x = '😀😀😀'"
+    p = prompt.build(tok, "a.py", text, len(text) - 1, prefix_tokens=200)
+    check_healed_from_start(tok, "a.py", text, len(text) - 1, p)
+    assert p.typed == "" and p.required
+
+
+# --------------------------------------------------------------------------- scope
+
+
+def test_scope_single_line_by_default():
+    s = scope("a.py", "x = foo\ny = 2\n", 7)
+    assert not s.multiline and s.opener == ""
+    s = scope("a.py", "x = foo(a, b)", 8)  # text after the cursor on the line
+    assert not s.multiline and s.line_suffix == "a, b)"
+
+
+def test_scope_block_after_python_header():
+    s = scope("a.py", "def f(x):", 9)
+    assert s.multiline and s.opener == ":" and s.indent == 0
+    t = "class A:\n    def f(self, x):"
+    s = scope("a.py", t, len(t))
+    assert s.multiline and s.opener == ":" and s.indent == 4
+
+
+def test_scope_block_on_empty_line_below_header():
+    for t in ("def f(x):\n    ", "def f(x):\n\n    ", "def f(x):\n    \n    "):
+        s = scope("a.py", t, len(t))
+        assert s.multiline and s.opener == ":" and s.indent == 0, t
+    t = "def f(x):\n    return x\n    "  # the line above is not a header
+    assert not scope("a.py", t, len(t)).multiline
+
+
+def test_scope_colon_in_comment_or_string_is_not_a_block():
+    t = "y = 1  # note:"
+    assert not scope("a.py", t, len(t)).multiline
+    # a closed docstring ending a line with ':'
+    t = 'def f():\n    """Summary:\n    """\n'
+    c = t.index("Summary:") + len("Summary:")
+    assert not scope("a.py", t, c).multiline
+    # the same line in code does open a block
+    t = "if y == 1:"
+    assert scope("a.py", t, len(t)).multiline
+
+
+def test_scope_colon_is_python_only():
+    t = "switch (x) {\n  case 1:"
+    assert not scope("a.js", t, len(t)).multiline
+
+
+@pytest.mark.parametrize("path", ["a.js", "a.c", "a.ts", "a.go"])
+def test_scope_block_after_brace(path):
+    t = "int f() {" if path.endswith(".c") else "function f() {"
+    s = scope(path, t, len(t))
+    assert s.multiline and s.opener == "{"
+    t2 = t + "\n    "
+    s = scope(path, t2, len(t2))
+    assert s.multiline and s.opener == "{"
+
+
+def test_scope_brace_in_comment_is_not_a_block():
+    t = "int a; // {"
+    assert not scope("a.c", t, len(t)).multiline
+    t = "let a = 1; // {"
+    assert not scope("a.js", t, len(t)).multiline
+
+
+def test_scope_closable_brackets():
+    s = scope("a.py", "foo(a, ", 7)
+    assert not s.multiline and s.closable == "("
+    s = scope("a.py", "foo(a, )", 7)  # the text after the cursor closes it
+    assert s.closable == ""
+    s = scope("a.py", "foo([a, ", 8)
+    assert s.closable == "(["
+    s = scope("a.py", "f(x)[0] + g(y, ", 15)  # closed pairs are not pending
+    assert s.closable == "("
+    s = scope("a.py", "s = '(' + f(", 12)  # a bracket in quotes does not count
+    assert s.multiline and s.opener == "("
+
+
+def test_scope_unknown_extension_does_not_crash():
+    s = scope("settings.json", '{', 1)
+    assert s.multiline and s.opener == "{"
+
+
+# --------------------------------------------------------------------------- Stopper / finish
+
+
+def test_single_line_cut_at_newline():
+    st = Stopper(scope("a.py", "x = \n", 4))
+    assert st.cut("foo(1)") is None
+    assert st.cut("foo(1)\nbar") == len("foo(1)")
+    assert st.cut("\n") == 0
+
+
+def test_single_line_cut_before_unmatched_closer():
+    st = Stopper(scope("a.py", "foo()", 4))  # prefix 'foo(', suffix ')'
+    assert st.cut("x)") == 1
+    assert st.cut("x]") == 1  # closes nothing at all
+    assert st.cut("g(x)") is None  # its own brackets are fine
+    assert st.cut("')' + x") is None  # a closer in quotes is fine
+
+
+def test_single_line_keeps_closer_the_line_left_open():
+    st = Stopper(scope("a.py", "foo(a, \n", 7))  # no closer after the cursor
+    assert st.cut("x)") is None
+    assert st.cut("x)\ny") == 2
+    assert st.cut("x))") == 2  # but not one more
+
+
+def test_bracket_at_line_end_is_a_block_kept_until_its_closer():
+    st = Stopper(scope("a.py", "foo(\n", 4))
+    assert st.cut("x") is None
+    text = "x)\nmore"
+    assert text[: st.cut(text)] == "x)"
+
+
+def test_indent_block_cut():
+    st = Stopper(scope("a.py", "def f(x):\n", 9))
+    text = "\n    return 1\nprint(2)\n"
+    assert text[: st.cut(text)] == "\n    return 1"
+    assert st.cut("\n    return 1\n") is None  # not over yet
+    text = "\n    if x:\n        y = 1\n\n    return y\n\ndef g():\n"
+    assert text[: st.cut(text)] == "\n    if x:\n        y = 1\n\n    return y\n"
+
+
+def test_indent_block_cut_from_empty_line():
+    t = "class A:\n    def f(self):\n        "
+    st = Stopper(scope("a.py", t, len(t)))
+    text = "return 1\n    def g(self):\n"
+    assert text[: st.cut(text)] == "return 1"
+
+
+def test_indent_block_line_limit():
+    st = Stopper(scope("a.py", "def f(x):\n", 9), max_lines=3)
+    text = "\n    a = 1\n    b = 2\n    c = 3\n    d = 4\n"
+    assert text[: st.cut(text)] == "\n    a = 1\n    b = 2"
+
+
+def test_bracket_block_cut_at_matching_closer():
+    t = "function f() {\n"
+    st = Stopper(scope("a.js", t, len(t) - 1))
+    text = "\n  if (x) { y(); }\n  return [1, 2];\n}\nfunction g() {}\n"
+    assert text[: st.cut(text)] == "\n  if (x) { y(); }\n  return [1, 2];\n}"
+    assert st.cut("\n  const s = '}';\n") is None  # a closer in a string does not count
+
+
+def test_bracket_block_excludes_closer_already_after_cursor():
+    t = "function f() {\n    \n}\n"
+    c = t.index("    \n") + 4
+    st = Stopper(scope("a.js", t, c))
+    text = "return 1;\n}\n"
+    assert text[: st.cut(text)] == "return 1;"
+
+
+def test_loop_is_cut_after_first_copy():
+    st = Stopper(scope("a.py", "x = \n", 4))
+    text = "foo();" * 4
+    assert text[: st.cut(text)] == "foo();"
+    assert st.cut("=" * 30) is None  # a ruler is not a loop
+    assert st.cut("1" * 30) is None  # nor a long number
+
+
+def test_finish_strips_repeated_line_tail():
+    s = scope("a.py", "print(x)", 7)  # suffix ')'
+    assert finish(", y)", s) == ", y"
+    assert finish(", y", s) == ", y"
+    s = scope("a.py", "print(x\n", 7)  # nothing after the cursor
+    assert finish(", y)\n", s) == ", y)"
+
+
+def test_finish_trims_blanks():
+    s = scope("a.py", "def f(x):\n", 9)
+    assert finish("\n    return 1\n\n  ", s) == "\n    return 1"
+    s = scope("a.py", "x = \n", 4)
+    assert finish("1  \n", s) == "1  "  # a single line keeps its spaces, loses the newline
+
+
+# --------------------------------------------------------------------------- decode
+
+
+@pytest.fixture()
+def model(tiny_cfg):
+    torch.manual_seed(0)
+    return MemorizingTransformer(tiny_cfg).eval()
+
+
+@pytest.fixture()
+def decoder(model, tok):
+    return Decoder(model, tok)
+
+
+def rand_ids(tok, n: int, seed: int = 1) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, tok.base, (n,), generator=g).tolist()
+
+
+def full_logits(model, ids, memory=None):
+    with torch.no_grad():
+        return torch.log_softmax(model(torch.tensor([ids]), memory=memory).logits[0, -1], -1)
+
+
+def close(a, b, tol=1e-4):
+    return torch.allclose(a, b, atol=tol, rtol=0)
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 16])
+def test_prefill_matches_forward(decoder, model, tok, n):
+    ids = rand_ids(tok, n)
+    ctx = decoder.prefill(ids, None)
+    assert ctx.ids == ids
+    assert ctx.logits.shape == (tok.vocab_size,)
+    assert close(ctx.logits, full_logits(model, ids))
+    assert all(k.shape[2] == n and v.shape[2] == n for k, v in ctx.kv)
+
+
+def test_prefill_with_memory_matches_forward(decoder, model, tok, tiny_cfg):
+    mem = TensorMemory(1, 64, tiny_cfg.mem_kv_heads, tiny_cfg.head_dim)
+    g = torch.Generator().manual_seed(3)
+    mem.add(F.normalize(torch.randn(1, tiny_cfg.mem_kv_heads, 20, tiny_cfg.head_dim, generator=g), dim=-1),
+            torch.randn(1, tiny_cfg.mem_kv_heads, 20, tiny_cfg.head_dim, generator=g))
+    ids = rand_ids(tok, 10)
+    with_mem = decoder.prefill(ids, mem)
+    assert close(with_mem.logits, full_logits(model, ids, mem))
+    assert not close(with_mem.logits, full_logits(model, ids))  # the memory made a difference
+    # and one step with memory matches the forward pass over the longer prompt
+    nxt = decoder.step([with_mem], [ids[0]], mem)[0]
+    assert close(nxt.logits, full_logits(model, ids + [ids[0]], mem))
+
+
+def test_prefill_two_chunks_matches_step_by_step(decoder, model, tok, tiny_cfg):
+    n = 2 * tiny_cfg.seq_len - 5
+    ids = rand_ids(tok, n)
+    whole = decoder.prefill(ids, None)
+    ctx = decoder.prefill(ids[:1], None)
+    for t in ids[1:]:
+        ctx = decoder.step([ctx], [t], None)[0]
+    assert ctx.ids == ids
+    assert close(whole.logits, ctx.logits)
+    for (k1, v1), (k2, v2) in zip(whole.kv, ctx.kv, strict=True):
+        assert k1.shape[2] == n and torch.allclose(k1, k2, atol=1e-5) and torch.allclose(v1, v2, atol=1e-5)
+    # and the training-time reading: the second segment over the first one's XL cache
+    with torch.no_grad():
+        s = tiny_cfg.seq_len
+        first = model(torch.tensor([ids[:s]]))
+        second = model(torch.tensor([ids[s:]]), cache=first.cache)
+    assert close(whole.logits, torch.log_softmax(second.logits[0, -1], -1))
+
+
+def test_prefill_reuses_context(decoder, tok):
+    ids = rand_ids(tok, 20)
+    ctx = decoder.prefill(ids[:17], None)
+    kept = ctx.logits.clone()
+    longer = decoder.prefill(ids, None, reuse=ctx)
+    assert decoder.last_width == 3  # only the three new tokens were read
+    assert close(longer.logits, decoder.prefill(ids, None).logits)
+    assert torch.equal(ctx.logits, kept) and ctx.ids == ids[:17]  # the old context is intact
+    assert all(k.shape[2] == 17 for k, _ in ctx.kv)
+
+
+def test_prefill_reuse_after_divergence_and_shortening(decoder, tok):
+    ids = rand_ids(tok, 20)
+    ctx = decoder.prefill(ids, None)
+    other = ids[:12] + rand_ids(tok, 5, seed=7)
+    got = decoder.prefill(other, None, reuse=ctx)
+    assert close(got.logits, decoder.prefill(other, None).logits)
+    shorter = decoder.prefill(ids[:9], None, reuse=ctx)  # a prefix of the cached prompt
+    assert decoder.last_width == 1
+    assert close(shorter.logits, decoder.prefill(ids[:9], None).logits)
+
+
+def test_prefill_identical_ids_returns_same_context(decoder, tok):
+    ids = rand_ids(tok, 9)
+    ctx = decoder.prefill(ids, None)
+    assert decoder.prefill(list(ids), None, reuse=ctx) is ctx
+
+
+def test_step_batch_matches_single_steps(decoder, tok):
+    a = decoder.prefill(rand_ids(tok, 8, seed=1), None)
+    b = decoder.prefill(rand_ids(tok, 8, seed=2), None)
+    batched = decoder.step([a, b], [5, 77], None)
+    singles = [decoder.step([a], [5], None)[0], decoder.step([b], [77], None)[0]]
+    for got, want in zip(batched, singles, strict=True):
+        assert got.ids == want.ids
+        assert close(got.logits, want.logits)
+        for (k1, v1), (k2, v2) in zip(got.kv, want.kv, strict=True):
+            assert k1.shape == k2.shape and torch.allclose(k1, k2, atol=1e-5)
+            assert torch.allclose(v1, v2, atol=1e-5)
+    assert batched[0].ids == a.ids + [5] and a.ids == rand_ids(tok, 8, seed=1)
+    # contexts of different lengths go one by one, with the same answers
+    c = decoder.prefill(rand_ids(tok, 5, seed=3), None)
+    mixed = decoder.step([a, c], [5, 9], None)
+    assert close(mixed[0].logits, singles[0].logits)
+    assert close(mixed[1].logits, decoder.step([c], [9], None)[0].logits)
+
+
+def test_window_limits(decoder, tok):
+    w = decoder.window
+    with pytest.raises(ValueError, match="window"):
+        decoder.prefill(rand_ids(tok, w + 1), None)
+    with pytest.raises(ValueError):
+        decoder.prefill([], None)
+    full = decoder.prefill(rand_ids(tok, w), None)
+    assert len(full.ids) == w
+    with pytest.raises(ValueError):
+        decoder.step([full], [1], None)
+
+
+def test_common_prefix():
+    assert common_prefix([1, 2, 3], [1, 2, 4]) == 2
+    assert common_prefix([1, 2], [1, 2, 3]) == 2
+    assert common_prefix([], [1]) == 0
+    assert common_prefix([5], [6]) == 0
+
+
+def _brute_allowed(tok, required: bytes) -> set[int]:
+    return {
+        i for i, b in enumerate(tok.token_bytes[: tok.base])
+        if b and (b.startswith(required) or (len(b) < len(required) and required.startswith(b)))
+    }
+
+
+def test_allowed_matches_brute_force(decoder, tok):
+    table = tok.token_bytes[: tok.base]
+    queries = {b"ab", b"", b"self", b"self.assertEqual(", b"def ", b"\n    ", b"zzzz", b"\xff",
+               b"\xff\xff", b"a\xff", b"\xfe\xff", b"\x00", b"\xc3\xa9", b"\xf0\x9f"}
+    queries |= {bytes([c]) for c in range(256)}
+    queries |= {b[:2] for b in table} | {b for b in table if len(b) > 1}
+    queries |= {b + b"\xff" for b in table[:100]} | {b + b"q" for b in table[:100]}
+    for req in queries:
+        got = decoder.constraints.allowed(req)
+        assert len(got) == len(set(got)), req
+        assert set(got) == _brute_allowed(tok, req), req
+    ab = set(decoder.constraints.allowed(b"ab"))
+    assert ab and all(table[i].startswith(b"ab") or b"ab".startswith(table[i]) for i in ab)
+    assert tok.encode("a")[0] in ab  # the proper prefix b"a" is allowed
+    assert decoder.constraints.allowed(b"\xff") == [tok.encode_bytes(b"\xff")[0]]
+
+
+def test_mask_matches_allowed(decoder, tok):
+    m = decoder.constraints.mask(b"se", torch.device("cpu"))
+    assert m.shape == (tok.vocab_size,)
+    ok = set(decoder.constraints.allowed(b"se"))
+    assert ok == {i for i in range(tok.vocab_size) if m[i] == 0}
+    assert all(m[i] == float("-inf") for i in range(tok.vocab_size) if i not in ok)
+    assert m[tok.fim_middle] == float("-inf") and m[tok.eot] == float("-inf")
+
+
+def test_bracket_block_keeps_its_own_closer_when_the_one_after_belongs_to_an_outer_block():
+    outer = "function f() {\n  if (x) {\n}"
+    cursor = outer.index("if (x) {") + len("if (x) {")
+    st = Stopper(scope("a.js", outer, cursor))
+    assert st.cut("\n    g();\n  }\n") == len("\n    g();\n  }")
+    inner = "function f() {\n  if (x) {\n  }\n}"
+    st = Stopper(scope("a.js", inner, cursor))
+    assert st.cut("\n    g();\n  }\n") == len("\n    g();")
+
+
+def test_support_is_the_memory_softmax_per_head_grouped_by_line():
+    import numpy as np
+
+    from mtlsp.complete import support
+    from mtlsp.memory import Hits
+
+    H, T, k = 2, 2, 2  # rows 1 and 3: head 0 and head 1 (not row % H)
+    nq = H * T
+    scores = np.zeros((nq, k), np.float32)
+    scores[0 * T + 1] = [1.0, 0.0]  # head 0, last position: entry a (line 1) vs b (line 2)
+    slots = np.zeros((nq, k), np.int64)
+    slots[1 * T + 1, 1] = -1  # head 1 found one entry only
+    offsets = np.tile(np.array([0, 10]), (nq, 1))
+    hits = Hits(scores, slots, np.zeros((nq, k, 4), np.float32), np.zeros((nq, k, 4), np.float32),
+                np.zeros((nq, k), np.int32), offsets, ["a.py"])
+    scale = np.array([np.log(3.0), 5.0])  # head 0: e^(1*ln 3) = 3 : 1 -> 0.75 / 0.25
+    got = support(((hits, (0 * T + 1, 1 * T + 1), T),), scale, lambda path, off: 1 + off // 10)
+    weights = {s.line: s.weight for s in got}
+    assert weights[1] == pytest.approx((0.75 + 1.0) / 2) and weights[2] == pytest.approx(0.25 / 2)

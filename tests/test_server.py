@@ -1,0 +1,498 @@
+"""The language server, driven over stdio by a real LSP client (pytest-lsp), as editors do.
+
+Most tests run the server with a tiny random-initialised model saved as a real weights
+directory; the last one runs the shipped weights end to end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+import torch
+from lsprotocol import types as t
+from pygls.exceptions import JsonRpcException
+from pytest_lsp import ClientServerConfig, LanguageClient
+
+from mtlsp.client import plain
+from mtlsp_model.model import MemorizingTransformer, ModelConfig
+from mtlsp_model.weights import save_weights
+
+pytestmark = pytest.mark.asyncio(loop_scope="function")
+
+PRICING = '''"""Prices."""
+
+
+def line_total(price: int, quantity: int) -> int:
+    return price * quantity
+
+
+def apply_discount(total: int) -> int:
+    return total * 9 // 10
+'''
+
+REPORT = '''from app import pricing
+
+
+def report(lines):
+    total = pricing.line_total(2, 3)
+    return total
+'''
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tok, tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=tok.vocab_size, n_layer=3, n_head=2, d_model=32, seq_len=128,
+                      mem_layer=1, knn_k=4)
+    return save_weights(MemorizingTransformer(cfg), tok, tmp_path_factory.mktemp("weights") / "tiny",
+                        dtype="float32")
+
+
+@pytest.fixture()
+def workspace(tmp_path) -> Path:
+    root = tmp_path / "ws"
+    (root / "app").mkdir(parents=True)
+    (root / "app" / "__init__.py").write_text("")
+    (root / "app" / "pricing.py").write_text(PRICING)
+    (root / "app" / "report.py").write_text(REPORT)
+    return root
+
+
+def capabilities(*, progress: bool = True, watch_registration: bool = False,
+                 encodings: tuple[str, ...] = ("utf-16",)) -> t.ClientCapabilities:
+    return t.ClientCapabilities(
+        window=t.WindowClientCapabilities(work_done_progress=progress),
+        general=t.GeneralClientCapabilities(position_encodings=list(encodings)),
+        workspace=t.WorkspaceClientCapabilities(
+            did_change_watched_files=t.DidChangeWatchedFilesClientCapabilities(dynamic_registration=watch_registration)),
+        text_document=t.TextDocumentClientCapabilities(
+            completion=t.CompletionClientCapabilities(completion_item=t.ClientCompletionItemOptions(
+                documentation_format=[t.MarkupKind.Markdown, t.MarkupKind.PlainText])),
+            inline_completion=t.InlineCompletionClientCapabilities()),
+    )
+
+
+async def start(weights: Path | None, cache: Path, *extra: str) -> LanguageClient:
+    cmd = [sys.executable, "-m", "mtlsp", "serve", "--cache-dir", str(cache), *extra]
+    if weights is not None:
+        cmd += ["--weights", str(weights)]
+    client = await ClientServerConfig(cmd, server_env={**os.environ, "OMP_NUM_THREADS": "1"}).start()
+
+    @client.feature(t.CLIENT_REGISTER_CAPABILITY)
+    def register(params: t.RegistrationParams) -> None:
+        client.registrations = [r.method for r in params.registrations]
+
+    client.registrations = []
+    return client
+
+
+async def initialize(client: LanguageClient, folders: list[Path], caps: t.ClientCapabilities | None = None,
+                     options: dict | None = None) -> t.InitializeResult:
+    return await client.initialize_session(t.InitializeParams(
+        capabilities=caps or capabilities(), initialization_options=options,
+        workspace_folders=[t.WorkspaceFolder(f.as_uri(), f.name) for f in folders]))
+
+
+async def status(client: LanguageClient) -> dict:
+    return plain(await client.protocol.send_request_async("mtlsp/status", {}))
+
+
+async def wait_ready(client: LanguageClient, n_folders: int = 1, timeout: float = 60) -> dict:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        st = await status(client)
+        if len(st["folders"]) == n_folders and all(f["indexing"]["phase"] == "ready" for f in st["folders"]):
+            return st
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"folders not indexed in {timeout}s: {st}")
+
+
+def open_doc(client: LanguageClient, path: Path, text: str | None = None, language: str = "python") -> str:
+    uri = path.as_uri()
+    client.text_document_did_open(t.DidOpenTextDocumentParams(
+        t.TextDocumentItem(uri, language, 1, path.read_text() if text is None else text)))
+    return uri
+
+
+def position_after(text: str, needle: str) -> t.Position:
+    """UTF-16 position right after the first ``needle``."""
+    cut = text.index(needle) + len(needle)
+    line = text.count("\n", 0, cut)
+    col = cut - (text.rfind("\n", 0, cut) + 1)
+    return t.Position(line, len(text[cut - col:cut].encode("utf-16-le")) // 2)
+
+
+async def inline(client: LanguageClient, uri: str, pos: t.Position) -> t.InlineCompletionList:
+    return await client.text_document_inline_completion_async(t.InlineCompletionParams(
+        t.InlineCompletionContext(t.InlineCompletionTriggerKind.Automatic), t.TextDocumentIdentifier(uri), pos))
+
+
+async def popup(client: LanguageClient, uri: str, pos: t.Position) -> t.CompletionList:
+    return await client.text_document_completion_async(t.CompletionParams(t.TextDocumentIdentifier(uri), pos))
+
+
+@pytest_asyncio.fixture()
+async def client(tiny_weights, tmp_path):
+    c = await start(tiny_weights, tmp_path / "cache")
+    yield c
+    await c.shutdown_session()
+    await c.stop()
+
+
+async def test_initialize_indexes_every_folder_with_progress(client, workspace, tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "util.py").write_text("def helper(x):\n    return x + 1\n")
+    result = await initialize(client, [workspace, other])
+    caps = result.capabilities
+    assert caps.inline_completion_provider is not None
+    assert caps.completion_provider is not None
+    st = await wait_ready(client, 2)
+    by_root = {Path(f["root"]).name: f for f in st["folders"]}
+    assert by_root["ws"]["files"] == 3 and by_root["other"]["files"] == 1
+    assert by_root["ws"]["entries"] > 50 and by_root["other"]["entries"] > 5
+    assert by_root["ws"]["store"] != by_root["other"]["store"]  # one store per folder
+    assert st["device"] == "cpu" and st["model"]["parameters"] > 0
+    for _ in range(50):  # the end notification follows the status change
+        kinds = [[type(v).__name__ for v in vs] for vs in client.progress_reports.values()]
+        if len(kinds) == 2 and all(k[-1] == "WorkDoneProgressEnd" for k in kinds):
+            break
+        await asyncio.sleep(0.1)
+    assert len(kinds) == 2
+    for k in kinds:
+        assert k[0] == "WorkDoneProgressBegin" and k[-1] == "WorkDoneProgressEnd"
+        assert "WorkDoneProgressReport" in k
+    assert any("indexing" in m.message for m in client.log_messages)  # logs reach window/logMessage
+
+
+async def test_popup_completion_heals_the_typed_word_and_replaces_it(client, workspace):
+    await initialize(client, [workspace])
+    await wait_ready(client)
+    text = REPORT.replace("pricing.line_total(2, 3)", "pricing.app")
+    uri = open_doc(client, workspace / "app" / "report.py", text)
+    pos = position_after(text, "pricing.app")
+    result = await popup(client, uri, pos)
+    assert result.items
+    for item in result.items:
+        assert item.label.startswith("app")  # decoding was constrained to the typed characters
+        assert item.text_edit.range == t.Range(t.Position(pos.line, pos.character - 3), pos)
+        assert item.text_edit.new_text == item.label
+        assert "memory" in item.documentation.value
+    explained = plain(await client.protocol.send_request_async("mtlsp/explain", {"textDocument": {"uri": uri}}))
+    assert explained["kind"] == "completion" and explained["completion"][0] == result.items[0].label
+    for s in explained["support"]:
+        assert (workspace / s["path"]).is_file() and s["line"] >= 1 and 0 < s["weight"] <= 1
+
+
+async def test_inline_completion_is_one_line_and_reused_while_typing_it(client, workspace):
+    await initialize(client, [workspace])
+    await wait_ready(client)
+    text = REPORT.replace("pricing.line_total(2, 3)", "pricing.")
+    uri = open_doc(client, workspace / "app" / "report.py", text)
+    pos = position_after(text, "pricing.")
+    result = await inline(client, uri, pos)
+    assert len(result.items) <= 1
+    if not result.items:
+        pytest.fail("the tiny model wrote nothing at a call site")
+    item = result.items[0]
+    assert "\n" not in item.insert_text and item.insert_text
+    assert item.range == t.Range(pos, pos)
+    first = plain(await client.protocol.send_request_async("mtlsp/explain", {"textDocument": {"uri": uri}}))
+    # type the completion's first character: the server answers from the shown completion
+    typed = item.insert_text[0]
+    client.text_document_did_change(t.DidChangeTextDocumentParams(
+        t.VersionedTextDocumentIdentifier(version=2, uri=uri),
+        [t.TextDocumentContentChangePartial(t.Range(pos, pos), typed)]))
+    again = await inline(client, uri, t.Position(pos.line, pos.character + 1))
+    assert again.items and again.items[0].insert_text == item.insert_text[1:]
+    assert first["kind"] == "inline"
+
+
+async def test_block_completion_after_a_def_line(client, workspace):
+    await initialize(client, [workspace])
+    await wait_ready(client)
+    text = PRICING + "\n\ndef shipping(weight: int) -> int:\n"
+    uri = open_doc(client, workspace / "app" / "pricing.py", text)
+    result = await inline(client, uri, t.Position(text.count("\n"), 0))
+    for item in result.items:  # a body: every non-blank line indented under the def
+        assert all(not line.strip() or line.startswith((" ", "\t")) for line in item.insert_text.split("\n"))
+
+
+async def test_positions_in_utf16_and_utf8_on_non_ascii_lines(tiny_weights, workspace, tmp_path):
+    text = REPORT.replace("total = pricing.line_total(2, 3)", 'naïve = "😀"; total = pricing.app')
+    for encoding in ("utf-16", "utf-8"):
+        client = await start(tiny_weights, tmp_path / f"cache-{encoding}")
+        try:
+            result = await initialize(client, [workspace], capabilities(encodings=(encoding,)))
+            assert result.capabilities.position_encoding == encoding
+            await wait_ready(client)
+            uri = open_doc(client, workspace / "app" / "report.py", text)
+            line = text.split("\n")[text[:text.index("pricing.app")].count("\n")]
+            before = line[: line.index("pricing.app") + len("pricing.app")]
+            units = len(before.encode("utf-16-le")) // 2 if encoding == "utf-16" else len(before.encode("utf-8"))
+            pos = t.Position(text[:text.index("pricing.app")].count("\n"), units)
+            items = (await popup(client, uri, pos)).items
+            assert items
+            assert items[0].text_edit.range.start.character == units - 3
+            assert items[0].label.startswith("app")
+        finally:
+            await client.shutdown_session()
+            await client.stop()
+
+
+async def test_cancel_request_stops_it_and_the_server_goes_on(client, workspace):
+    await initialize(client, [workspace], options={"maxTokens": 512})
+    await wait_ready(client)
+    uri = open_doc(client, workspace / "app" / "report.py", REPORT)
+    pos = position_after(REPORT, "def report(lines):")
+    params = t.InlineCompletionParams(t.InlineCompletionContext(t.InlineCompletionTriggerKind.Invoked),
+                                      t.TextDocumentIdentifier(uri), pos)
+    fut = client.protocol.send_request(t.TEXT_DOCUMENT_INLINE_COMPLETION, params, msg_id="to-cancel")
+    client.protocol.notify(t.CANCEL_REQUEST, t.CancelParams(id="to-cancel"))
+    with pytest.raises(JsonRpcException) as err:
+        await asyncio.wrap_future(fut)
+    assert err.value.code == t.LSPErrorCodes.RequestCancelled
+    assert (await status(client))["folders"]  # still serving
+    assert isinstance(await inline(client, uri, pos), t.InlineCompletionList)
+
+
+async def test_unsaved_new_function_reaches_the_memory_within_a_second(client, workspace):
+    await initialize(client, [workspace], options={"debounceMs": 100})
+    before = (await wait_ready(client))["folders"][0]["entries"]
+    path = workspace / "app" / "pricing.py"
+    uri = open_doc(client, path)
+    new = PRICING + "\n\ndef qzx_fold_ledger(rows: list[int]) -> int:\n    return sum(rows) * 3\n"
+    client.text_document_did_change(t.DidChangeTextDocumentParams(
+        t.VersionedTextDocumentIdentifier(version=2, uri=uri), [t.TextDocumentContentChangeWholeDocument(new)]))
+    t0 = time.monotonic()
+    while (await status(client))["folders"][0]["entries"] <= before:
+        assert time.monotonic() - t0 < 10, "the edit never reached the memory"
+        await asyncio.sleep(0.02)
+    assert path.read_text() == PRICING  # nothing was saved
+    # the other file's completion reads a memory that now holds the new function
+    text = REPORT.replace("pricing.line_total(2, 3)", "pricing.qzx")
+    other = open_doc(client, workspace / "app" / "report.py", text)
+    assert (await popup(client, other, position_after(text, "pricing.qzx"))).items
+    # closing the unsaved buffer returns the memory to the file on disk
+    client.text_document_did_close(t.DidCloseTextDocumentParams(t.TextDocumentIdentifier(uri)))
+    t0 = time.monotonic()
+    while (await status(client))["folders"][0]["entries"] > before + len(REPORT):  # report.py is open too
+        assert time.monotonic() - t0 < 10
+        await asyncio.sleep(0.05)
+
+
+async def test_configuration_by_init_options_and_did_change(client, workspace):
+    await initialize(client, [workspace], options={"mtlsp": {"languages": {"python": False}}})
+    await wait_ready(client)
+    text = REPORT.replace("pricing.line_total(2, 3)", "pricing.app")
+    uri = open_doc(client, workspace / "app" / "report.py", text)
+    pos = position_after(text, "pricing.app")
+    assert not (await popup(client, uri, pos)).items
+    assert not (await inline(client, uri, pos)).items
+    client.workspace_did_change_configuration(t.DidChangeConfigurationParams(
+        {"mtlsp": {"languages": {"python": True}, "maxTokens": 3, "memoryCap": 50_000, "debounceMs": "soon"}}))
+    for _ in range(100):
+        st = await status(client)
+        if st["settings"]["languages"] == {"python": True}:
+            break
+        await asyncio.sleep(0.05)
+    assert st["settings"]["max_tokens"] == 3 and st["folders"][0]["capTokens"] == 50_000
+    assert st["settings"]["debounce_ms"] == 250  # the bad value was refused, the old one kept
+    assert any("debounceMs" in m.message for m in client.messages)
+    assert (await popup(client, uri, pos)).items
+    result = await inline(client, uri, pos)
+    assert all(len(i.insert_text) <= 3 * 16 for i in result.items)  # at most three tokens
+
+
+async def test_device_and_store_path_changes_reopen_the_memory(client, workspace, tmp_path):
+    await initialize(client, [workspace])
+    first = (await wait_ready(client))["folders"][0]["store"]
+    client.workspace_did_change_configuration(t.DidChangeConfigurationParams(
+        {"storePath": str(tmp_path / "elsewhere"), "device": "cpu"}))
+    for _ in range(200):
+        st = await status(client)
+        if st["folders"] and st["folders"][0]["store"] != first and st["folders"][0]["indexing"]["phase"] == "ready":
+            break
+        await asyncio.sleep(0.05)
+    assert st["folders"][0]["store"].startswith(str(tmp_path / "elsewhere"))
+    assert st["folders"][0]["entries"] > 50
+
+
+async def test_bad_input_gets_an_error_or_nothing_and_the_server_goes_on(client, workspace):
+    await initialize(client, [workspace])
+    await wait_ready(client)
+    uri = open_doc(client, workspace / "app" / "report.py", REPORT)
+    with pytest.raises(JsonRpcException):  # unknown document
+        await popup(client, (workspace / "nope.py").as_uri(), t.Position(0, 0))
+    with pytest.raises(JsonRpcException):  # position past the end of the document
+        await inline(client, uri, t.Position(400, 0))
+    with pytest.raises(JsonRpcException):  # past the end of its line
+        await popup(client, uri, t.Position(0, 500))
+    with pytest.raises(JsonRpcException):
+        await client.protocol.send_request_async("mtlsp/explain", {"nothing": 1})
+    huge = "x = [" + "1, " * 20_000 + "\n"
+    huge_uri = open_doc(client, workspace / "app" / "huge.py", huge)
+    assert not (await inline(client, huge_uri, t.Position(0, 30_000))).items
+    binary = "abc\x00def\n"
+    bin_uri = open_doc(client, workspace / "app" / "blob.py", binary)
+    assert not (await popup(client, bin_uri, t.Position(0, 3))).items
+    assert (await status(client))["folders"][0]["indexing"]["phase"] == "ready"
+    assert (await popup(client, uri, position_after(REPORT, "pricing.li"))).items
+
+
+async def test_corrupt_weights_give_one_clear_message_and_a_server_that_answers(tiny_weights, workspace, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_weights, broken)
+    shard = next(broken.glob("*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    client = await start(broken, tmp_path / "cache")
+    try:
+        await initialize(client, [workspace])
+        for _ in range(100):
+            if client.messages:
+                break
+            await asyncio.sleep(0.05)
+        errors = [m for m in client.messages if m.type == t.MessageType.Error]
+        assert len(errors) == 1 and "weights" in errors[0].message and "checksum" in errors[0].message
+        st = await status(client)
+        assert st["model"] is None and "checksum" in st["modelError"]
+        uri = open_doc(client, workspace / "app" / "report.py")
+        assert not (await popup(client, uri, position_after(REPORT, "pricing.li"))).items
+        assert not (await inline(client, uri, position_after(REPORT, "pricing.li"))).items
+    finally:
+        await client.shutdown_session()
+        await client.stop()
+
+
+async def test_file_changes_on_disk_via_client_watching_or_watchdog(tiny_weights, workspace, tmp_path):
+    for registration in (True, False):
+        root = tmp_path / f"ws-{registration}"
+        shutil.copytree(workspace, root)
+        client = await start(tiny_weights, tmp_path / f"cache-{registration}")
+        try:
+            await initialize(client, [root], capabilities(watch_registration=registration))
+            st = await wait_ready(client)
+            assert st["folders"][0]["watching"] == ("client" if registration else "watchdog")
+            assert (t.WORKSPACE_DID_CHANGE_WATCHED_FILES in client.registrations) == registration
+            new = root / "app" / "taxes.py"
+            new.write_text("def tax(cents: int) -> int:\n    return cents // 5\n")
+            if registration:  # the editor reports the change
+                client.workspace_did_change_watched_files(t.DidChangeWatchedFilesParams(
+                    [t.FileEvent(new.as_uri(), t.FileChangeType.Created)]))
+            t0 = time.monotonic()
+            while (await status(client))["folders"][0]["files"] < 4:
+                assert time.monotonic() - t0 < 15, "the new file never reached the memory"
+                await asyncio.sleep(0.05)
+        finally:
+            await client.shutdown_session()
+            await client.stop()
+
+
+async def test_reindex_command_malformed_request_and_tcp_transport(tiny_weights, workspace, tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "mtlsp", "serve", "--tcp", f"127.0.0.1:{port}", "--weights", str(tiny_weights),
+        "--cache-dir", str(tmp_path / "cache"), env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        for _ in range(200):
+            try:
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                break
+            except OSError:
+                await asyncio.sleep(0.1)
+
+        async def call(id_, method, params):
+            return await asyncio.wait_for(exchange(id_, method, params), 30)
+
+        async def exchange(id_, method, params):
+            body = json.dumps({"jsonrpc": "2.0", "id": id_, "method": method, "params": params}).encode()
+            writer.write(b"Content-Length: %d\r\n\r\n" % len(body) + body)
+            await writer.drain()
+            while True:
+                headers = {}
+                while (line := (await reader.readline()).strip()):
+                    name, _, value = line.partition(b":")
+                    headers[name.strip().lower()] = value.strip()
+                msg = json.loads(await reader.readexactly(int(headers[b"content-length"])))
+                if msg.get("id") == id_:
+                    return msg
+
+        init = await call(1, "initialize", {"processId": None, "capabilities": {},
+                                            "workspaceFolders": [{"uri": workspace.as_uri(), "name": "ws"}]})
+        assert "inlineCompletionProvider" in init["result"]["capabilities"]
+        assert "mtlsp.reindex" in init["result"]["capabilities"]["executeCommandProvider"]["commands"]
+        body = b'{"jsonrpc":"2.0","method":"initialized","params":{}}'
+        writer.write(b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        for i in range(300):
+            st = (await call(100 + i, "mtlsp/status", {}))["result"]
+            if st["folders"] and st["folders"][0]["indexing"]["phase"] == "ready":
+                break
+            await asyncio.sleep(0.05)
+        assert st["folders"][0]["entries"] > 50
+        done = await call(2, "workspace/executeCommand", {"command": "mtlsp.reindex", "arguments": []})
+        assert done["result"]["folders"] == [str(workspace.resolve())]
+        bad = await call(3, "textDocument/completion", {"position": {"line": 0}})  # malformed params
+        assert bad["error"]["code"] == -32602
+        assert (await call(4, "mtlsp/status", {}))["result"]["folders"]  # still serving
+        assert (await call(5, "shutdown", None))["result"] is None
+    finally:
+        proc.kill()
+        await proc.wait()
+
+
+async def test_shipped_weights_new_function_typed_in_one_buffer_is_read_in_another(workspace, tmp_path):
+    """End to end with the shipped model on the bundled sample workspace."""
+    from mtlsp.demo import NEW_FUNCTION, SAMPLE
+
+    root = tmp_path / "sample"
+    shutil.copytree(SAMPLE, root)
+    client = await start(None, tmp_path / "cache")
+    try:
+        await initialize(client, [root], options={"debounceMs": 100})
+        before = (await wait_ready(client, timeout=120))["folders"][0]["entries"]
+        definer = root / "app" / "pricing.py"
+        old = definer.read_text()
+        uri = open_doc(client, definer)
+        end = t.Position(old.count("\n"), 0)
+        client.text_document_did_change(t.DidChangeTextDocumentParams(
+            t.VersionedTextDocumentIdentifier(version=2, uri=uri), [t.TextDocumentContentChangePartial(t.Range(end, end), NEW_FUNCTION)]))
+        t0 = time.monotonic()
+        while (await status(client))["folders"][0]["entries"] <= before:
+            assert time.monotonic() - t0 < 10
+            await asyncio.sleep(0.02)
+        caller = root / "app" / "report.py"
+        source = caller.read_text()
+        at = source.index("total = pricing.") + len("total = pricing.")
+        cited = set()
+        report = open_doc(client, caller, source)
+        for typed in ("", "s", "su"):
+            text = source[:at] + typed + source[source.index("\n", at):]
+            client.text_document_did_change(t.DidChangeTextDocumentParams(
+                    t.VersionedTextDocumentIdentifier(version=len(typed) + 1, uri=report),
+                    [t.TextDocumentContentChangeWholeDocument(text)]))
+            pos = position_after(text, "total = pricing." + typed)
+            items = (await popup(client, report, pos)).items
+            assert items and all(i.label.startswith(typed) for i in items)
+            ghost = (await inline(client, report, pos)).items
+            assert all("\n" not in g.insert_text for g in ghost)
+            why = plain(await client.protocol.send_request_async("mtlsp/explain", {"textDocument": {"uri": report}}))
+            cited |= {(s["path"], s["line"]) for s in why["support"]}
+        new_lines = range(old.count("\n") + 1, old.count("\n") + NEW_FUNCTION.count("\n") + 1)
+        # the unsaved function's entries are among what the completions attended to
+        assert any(path == "app/pricing.py" and line in new_lines for path, line in cited), cited
+    finally:
+        await client.shutdown_session()
+        await client.stop()
