@@ -20,6 +20,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 from lsprotocol import types as t
 from mtlsp_model.weights import WeightsError
@@ -99,9 +100,10 @@ class MtlspServer(LanguageServer):
     # ------------------------------------------------------------------ documents
 
     def document(self, uri: str) -> TextDocument:
-        if uri not in self.workspace.text_documents:
+        doc = self.workspace.text_documents.get(unquote(uri))  # pygls keys documents unquoted
+        if doc is None:
             raise JsonRpcInvalidParams(f"unknown document {uri}: open it (textDocument/didOpen) first")
-        return self.workspace.text_documents[uri]
+        return doc
 
     def folder_of(self, uri: str) -> tuple[Folder, str] | None:
         path = to_fs_path(uri)
@@ -116,7 +118,7 @@ class MtlspServer(LanguageServer):
         return None
 
     def buffer_text(self, root: Path, rel: str) -> str | None:
-        doc = self.workspace.text_documents.get((root / rel).as_uri())
+        doc = self.workspace.text_documents.get(unquote((root / rel).as_uri()))
         return None if doc is None else doc.source
 
     # ------------------------------------------------------------------ start-up and folders

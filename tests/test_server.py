@@ -496,3 +496,23 @@ async def test_shipped_weights_new_function_typed_in_one_buffer_is_read_in_anoth
     finally:
         await client.shutdown_session()
         await client.stop()
+
+
+async def test_paths_with_spaces_and_non_ascii(client, tmp_path):
+    root = tmp_path / "my wörk space"
+    (root / "app").mkdir(parents=True)
+    (root / "app" / "prix €.py").write_text(PRICING)
+    await initialize(client, [root], options={"debounceMs": 50})
+    before = (await wait_ready(client))["folders"][0]["entries"]
+    path = root / "app" / "prix €.py"
+    uri = open_doc(client, path)  # a percent-encoded URI
+    assert "%20" in uri
+    new = PRICING + "\n\ndef qzx(rows):\n    return rows.app\n"
+    client.text_document_did_change(t.DidChangeTextDocumentParams(
+        t.VersionedTextDocumentIdentifier(version=2, uri=uri), [t.TextDocumentContentChangeWholeDocument(new)]))
+    t0 = time.monotonic()
+    while (await status(client))["folders"][0]["entries"] <= before:  # the buffer was found and fed
+        assert time.monotonic() - t0 < 10
+        await asyncio.sleep(0.02)
+    items = (await popup(client, uri, position_after(new, "rows.app"))).items
+    assert items and all(i.label.startswith("app") for i in items)
