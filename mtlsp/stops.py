@@ -97,19 +97,26 @@ def scope(path: str, text: str, cursor: int) -> Scope:
     return Scope(True, last, _indent(opener_line), "", suffix, after)
 
 
-def _open_brackets(s: str) -> str:
-    """Brackets opened and not closed in ``s`` (quotes skipped), innermost last."""
-    stack: list[str] = []
+def _brackets(text: str):
+    """(index, bracket) of each bracket in ``text`` outside quotes."""
     quote = ""
-    for ch in s:
+    for i, ch in enumerate(text):
         if quote:
             if ch == quote:
                 quote = ""
         elif ch in "\"'`":
             quote = ch
-        elif ch in OPENERS:
+        elif ch in OPENERS or ch in CLOSERS:
+            yield i, ch
+
+
+def _open_brackets(s: str) -> str:
+    """Brackets opened and not closed in ``s`` (quotes skipped), innermost last."""
+    stack: list[str] = []
+    for _, ch in _brackets(s):
+        if ch in OPENERS:
             stack.append(ch)
-        elif ch in CLOSERS and stack and stack[-1] == CLOSERS[ch]:
+        elif stack and stack[-1] == CLOSERS[ch]:
             stack.pop()
     return "".join(stack)
 
@@ -129,23 +136,17 @@ class Stopper:
         return self._block_cut(text) if self.scope.multiline else self._line_cut(text)
 
     def _line_cut(self, text: str) -> int | None:
+        newline = text.find("\n")
+        line = text if newline < 0 else text[:newline]
         stack = list(self.scope.closable)
-        quote = ""
-        for i, ch in enumerate(text):
-            if ch == "\n":
-                return i
-            if quote:
-                if ch == quote:
-                    quote = ""
-            elif ch in "\"'`":
-                quote = ch
-            elif ch in OPENERS:
+        for i, ch in _brackets(line):
+            if ch in OPENERS:
                 stack.append(ch)
-            elif ch in CLOSERS:
-                if not stack or stack[-1] != CLOSERS[ch]:
-                    return i  # would close what the text after the cursor closes, or nothing
+            elif not stack or stack[-1] != CLOSERS[ch]:
+                return i  # would close what the text after the cursor closes, or nothing
+            else:
                 stack.pop()
-        return None
+        return None if newline < 0 else newline
 
     def _block_cut(self, text: str) -> int | None:
         if self.scope.opener == ":":
@@ -178,22 +179,13 @@ class Stopper:
 
     def _bracket_cut(self, text: str) -> int | None:
         depth = 1
-        quote = ""
-        for i, ch in enumerate(text):
-            if quote:
-                if ch == quote:
-                    quote = ""
-            elif ch in "\"'`":
-                quote = ch
-            elif ch in OPENERS:
-                depth += 1
-            elif ch in CLOSERS:
-                depth -= 1
-                if depth == 0:
-                    # the editor may already have put the closer after the cursor
-                    if self._closer_follows(ch):
-                        return len(text[:i].rstrip())
-                    return i + 1
+        for i, ch in _brackets(text):
+            depth += 1 if ch in OPENERS else -1
+            if depth == 0:
+                # the editor may already have put the closer after the cursor
+                if self._closer_follows(ch):
+                    return len(text[:i].rstrip())
+                return i + 1
         if text.count("\n") > self.max_lines:
             return text.rfind("\n", 0, len(text) - 1)
         return None
