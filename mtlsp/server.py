@@ -396,7 +396,7 @@ def build_server(weights: Path | None = None, device: str | None = None, cache_d
             f.debounce = new.debounce_ms / 1000
         if ls.engine is not None and new.context_tokens != old.context_tokens:
             ls.completer = ls.engine.completer(new.context_tokens)
-        if (new.device, new.store_path) != (old.device, old.store_path) or ls.engine is None:
+        if (new.device, new.store_path) != (old.device, old.store_path) or ls.engine_error is not None:
             await asyncio.get_running_loop().run_in_executor(ls.model_pool, ls.restart)
 
     @server.feature(t.TEXT_DOCUMENT_INLINE_COMPLETION, t.InlineCompletionOptions())

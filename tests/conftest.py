@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mtlsp_model.model import ModelConfig
+from mtlsp_model.model import MemorizingTransformer, ModelConfig
 from mtlsp_model.tokenizer import CodeTokenizer, train_tokenizer
+from mtlsp_model.weights import save_weights
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -34,3 +35,13 @@ def tok(code_texts) -> CodeTokenizer:
 def tiny_cfg(tok) -> ModelConfig:
     return ModelConfig(vocab_size=tok.vocab_size, n_layer=3, n_head=2, d_model=32, seq_len=16,
                        mem_layer=1, knn_k=4)
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tok, tmp_path_factory) -> Path:
+    """A real weights directory holding a tiny random model: what server tests start with."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=tok.vocab_size, n_layer=3, n_head=2, d_model=32, seq_len=128,
+                      mem_layer=1, knn_k=4)
+    return save_weights(MemorizingTransformer(cfg), tok, tmp_path_factory.mktemp("weights") / "tiny",
+                        dtype="float32")

@@ -16,14 +16,11 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
-import torch
 from lsprotocol import types as t
 from pygls.exceptions import JsonRpcException
 from pytest_lsp import ClientServerConfig, LanguageClient
 
 from mtlsp.client import plain
-from mtlsp_model.model import MemorizingTransformer, ModelConfig
-from mtlsp_model.weights import save_weights
 
 pytestmark = pytest.mark.asyncio(loop_scope="function")
 
@@ -45,15 +42,6 @@ def report(lines):
     total = pricing.line_total(2, 3)
     return total
 '''
-
-
-@pytest.fixture(scope="session")
-def tiny_weights(tok, tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=tok.vocab_size, n_layer=3, n_head=2, d_model=32, seq_len=128,
-                      mem_layer=1, knn_k=4)
-    return save_weights(MemorizingTransformer(cfg), tok, tmp_path_factory.mktemp("weights") / "tiny",
-                        dtype="float32")
 
 
 @pytest.fixture()
