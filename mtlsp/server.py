@@ -18,6 +18,7 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
@@ -299,7 +300,7 @@ class MtlspServer(LanguageServer):
             "modelError": self.engine_error,
             "device": str(e.device) if e else None,
             "folders": folders,
-            "settings": {k: v for k, v in vars(self.settings).items()},
+            "settings": asdict(self.settings),
         }
 
 

@@ -90,7 +90,8 @@ class Folder:
         self._index_thread: threading.Thread | None = None
         self._writer = threading.Thread(target=self._write_loop, name=f"mtlsp-writer-{self.root.name}", daemon=True)
         self._writer.start()
-        self._disk: dict[str, tuple[int, bytes]] = {}  # rel -> (mtime_ns, bytes), for provenance lines
+        # rel -> (mtime_ns or buffer text, bytes): a completion asks for many lines of few files
+        self._bytes: dict[str, tuple[object, bytes]] = {}
 
     # ------------------------------------------------------------------ indexing
 
@@ -180,19 +181,15 @@ class Folder:
     def line_of(self, rel: str, offset: int) -> int:
         """1-based line of a byte offset in ``rel`` as the memory holds it (buffer, else disk)."""
         text = self.texts(rel)
-        if text is not None:
-            data = text.encode("utf-8")
-        else:
-            path = self.root / rel
-            try:
-                mtime = path.stat().st_mtime_ns
-                cached = self._disk.get(rel)
-                if cached is None or cached[0] != mtime:
-                    cached = self._disk[rel] = (mtime, path.read_bytes())
-                data = cached[1]
-            except OSError:
-                return 0
-        return data.count(b"\n", 0, offset) + 1
+        cached = self._bytes.get(rel)
+        try:
+            version: object = text if text is not None else (self.root / rel).stat().st_mtime_ns
+            if cached is None or cached[0] is not version and cached[0] != version:
+                data = text.encode("utf-8") if text is not None else (self.root / rel).read_bytes()
+                cached = self._bytes[rel] = (version, data)
+        except OSError:
+            return 0
+        return cached[1].count(b"\n", 0, offset) + 1
 
     def close(self) -> None:
         self._stop.set()
