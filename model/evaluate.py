@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from .corpus import load_document, refuse_trained_on
 from .dataset import document_tokens
+from .memory import Memory
 from .model import MemorizingTransformer
 from .runner import SegmentRunner, autocast
 from .stream import SegmentStream
@@ -126,34 +127,50 @@ def evaluate_repository(
 
 
 @torch.no_grad()
-def evaluate_files(
-    model: MemorizingTransformer, tok: CodeTokenizer, files: list[Path], base: Path, stride: int | None = None
+def score_ids(
+    model: MemorizingTransformer,
+    ids: list[int],
+    first_target: int,
+    nbytes: list[int],
+    *,
+    stride: int | None = None,
+    memory: Memory | None = None,
 ) -> Score:
-    """Each file alone behind its path header, memory off, in sliding windows of seq_len.
+    """Score ``ids[first_target:]`` in sliding windows of seq_len, reading ``memory`` if given.
 
-    Every content token is scored once, with at least ``seq_len - stride`` tokens of left context
+    Every target is scored once, with at least ``seq_len - stride`` tokens of left context
     beyond the first window (stride: half a segment by default, 256 for 512-token segments): the
-    usual protocol for comparing plain language models.
+    usual protocol for comparing plain language models.  ``first_target`` skips a file header.
     """
     device = next(model.parameters()).device
     T = model.cfg.seq_len
     stride = stride or T // 2
+    x_all = torch.tensor(ids, device=device)
+    total = Score()
+    scored_upto = first_target - 1  # absolute position of the last target already scored
+    start = 0
+    while scored_upto < len(ids) - 1:
+        window = x_all[start : start + T + 1]
+        x, y = window[:-1].unsqueeze(0), window[1:].clone()
+        y[: max(0, scored_upto - start)] = -1  # target j sits at position start + 1 + j
+        with autocast(device):
+            logits = model(x, memory=memory).logits[0].float()
+        nll = F.cross_entropy(logits, y, ignore_index=-1, reduction="sum")
+        live = y[y >= 0].tolist()
+        total += Score(nll.item() / LN2, len(live), sum(nbytes[i] for i in live))
+        scored_upto = start + len(window) - 1
+        start += stride
+    return total
+
+
+def evaluate_files(
+    model: MemorizingTransformer, tok: CodeTokenizer, files: list[Path], base: Path, stride: int | None = None
+) -> Score:
+    """Each file alone behind its path header, memory off (see ``score_ids``)."""
     nbytes = byte_lengths(tok)
     total = Score()
     for path in files:
         header = tok.file_header(path.relative_to(base).as_posix())
-        ids = torch.tensor(header + tok.encode(path.read_text(encoding="utf-8")), device=device)
-        scored_upto = len(header) - 1  # absolute position of the last target already scored
-        start = 0
-        while scored_upto < len(ids) - 1:
-            window = ids[start : start + T + 1]
-            x, y = window[:-1].unsqueeze(0), window[1:].clone()
-            y[: max(0, scored_upto - start)] = -1  # target j sits at position start + 1 + j
-            with autocast(device):
-                logits = model(x).logits[0].float()
-            nll = F.cross_entropy(logits, y, ignore_index=-1, reduction="sum")
-            live = y[y >= 0].tolist()
-            total += Score(nll.item() / LN2, len(live), sum(nbytes[i] for i in live))
-            scored_upto = start + len(window) - 1
-            start += stride
+        ids = header + tok.encode(path.read_text(encoding="utf-8"))
+        total += score_ids(model, ids, len(header), nbytes, stride=stride)
     return total

@@ -17,7 +17,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -146,6 +146,7 @@ class Completer:
         *,
         max_tokens: int,
         cancel: threading.Event | None = None,
+        preamble: Sequence[int] = (),
     ) -> Inline:
         t0 = time.perf_counter()
         doc = self._doc(uri)
@@ -157,8 +158,8 @@ class Completer:
             if len(shown.text) > len(typed) and shown.text.startswith(typed):
                 return Inline(shown.text[len(typed):], shown.support, 0, _ms(t0), cached=True)
         scope = stops.scope(path, text, cursor)
-        budget = min(self.prefix_tokens, self.decoder.window - max_tokens - _SUFFIX - 8)
-        p = prompt.build(self.tok, path, text, cursor, prefix_tokens=budget, suffix_tokens=_SUFFIX)
+        budget = min(self.prefix_tokens, self.decoder.window - len(preamble) - max_tokens - _SUFFIX - 8)
+        p = prompt.build(self.tok, path, text, cursor, prefix_tokens=budget, suffix_tokens=_SUFFIX, preamble=preamble)
         ctx = self._prefill(doc, "inline", p.ids, memory, cancel)
         evidence = doc.inline_evidence
         heads = tuple(range(self.H))
@@ -205,12 +206,13 @@ class Completer:
         max_steps: int = 6,
         items: int = 6,
         cancel: threading.Event | None = None,
+        preamble: Sequence[int] = (),
     ) -> tuple[str, list[Candidate]]:
         """The typed part of the word at the cursor, and the best identifiers it may become."""
         doc = self._doc(uri)
         memory = recall.memory if recall else None
-        budget = min(self.prefix_tokens, self.decoder.window - max_steps - 8)
-        p = prompt.build(self.tok, path, text, cursor, prefix_tokens=budget, fim=False)
+        budget = min(self.prefix_tokens, self.decoder.window - len(preamble) - max_steps - 8)
+        p = prompt.build(self.tok, path, text, cursor, prefix_tokens=budget, fim=False, preamble=preamble)
         if doc.listed is not None and doc.listed[0] == p.ids and p.typed.startswith(doc.listed[1]):
             # typing on into a word already listed: the items it still matches, without the model
             still = [c for c in doc.listed[2] if c.word.startswith(p.typed) and c.word != p.typed]

@@ -59,7 +59,10 @@ class ExactIndex:
         self._params = None
         return dead
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: np.ndarray, k: int, hidden: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``hidden``: slots to leave out of this search only (evaluation's leave-one-file-out)."""
+        if hidden is not None and hidden.size:
+            return self.index.search(queries, k, params=_tombstone_params(self.dead | set(hidden.tolist())))
         if self.dead and self._params is None:
             self._params = _tombstone_params(self.dead)
         return self.index.search(queries, k, params=self._params)
@@ -232,7 +235,13 @@ class IvfMirror:
         self.dead.clear()
         self._params = None
 
-    def search(self, queries: np.ndarray, k: int, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def search(
+        self, queries: np.ndarray, k: int, nprobe: int | None = None, hidden: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        if hidden is not None and hidden.size:
+            params = _tombstone_params(self.dead | set(hidden.tolist()), faiss.SearchParametersIVF,
+                                       nprobe=nprobe or self.nprobe)
+            return self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k, params=params)
         if nprobe is not None:
             params = faiss.SearchParametersIVF(nprobe=nprobe)
             if self.dead:

@@ -29,7 +29,7 @@ import os
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -843,14 +843,24 @@ class MemoryStore:
 
     # ------------------------------------------------------------------ searching
 
-    def search(self, queries: np.ndarray, k: int) -> Hits:
-        """Top-k entries by inner product for each of ``queries`` (nq, D)."""
+    def search(self, queries: np.ndarray, k: int, hide: Collection[str] = ()) -> Hits:
+        """Top-k entries by inner product for each of ``queries`` (nq, D).
+
+        ``hide``: files left out of this search only.  Evaluation uses it to score a file
+        against the memory of the rest of its repository without rebuilding the store; such
+        searches go to the CPU indexes (exact or IVF), whose faiss selectors can skip slots.
+        """
         q = np.ascontiguousarray(np.asarray(queries, dtype=np.float32).reshape(-1, self.dim))
         if time.monotonic() - self._last_check > self.options.refresh_interval:
             self.refresh()
         with self._lock:
             self._remember(q)
-            scores, slots = self._searcher().search(q, k)
+            hidden = self._slots_of(hide) if hide else None
+            if hidden is not None and hidden.size:
+                searcher = self._ann if self._ann is not None and self._truth.live >= self.options.ann_threshold else self._truth
+                scores, slots = searcher.search(q, k, hidden=hidden)
+            else:
+                scores, slots = self._searcher().search(q, k)
             ok = slots >= 0
             safe = np.where(ok, slots, 0)
             keys = np.where(ok[..., None], self._keys[safe].astype(np.float32), 0.0)
@@ -859,6 +869,14 @@ class MemoryStore:
             offsets = np.where(ok, self._pos[safe], -1)
         scores = np.where(ok, scores, -np.inf).astype(np.float32)
         return Hits(scores, slots, keys.astype(np.float32), values.astype(np.float32), fids, offsets, self._paths)
+
+    def _slots_of(self, paths: Collection[str]) -> np.ndarray:
+        parts = [
+            self._chunk_slots[(rec[3], rec[4])]
+            for path in paths
+            for rec in self._m["files"].get(path, {}).get("chunks", ())
+        ]
+        return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
     def _searcher(self):
         if self._mirror is not None:

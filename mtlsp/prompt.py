@@ -18,6 +18,7 @@ Three choices, each for a reason:
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from mtlsp_model.tokenizer import CodeTokenizer
@@ -49,8 +50,14 @@ def build(
     prefix_tokens: int,
     suffix_tokens: int = 64,
     fim: bool = True,
+    preamble: Sequence[int] = (),
 ) -> Prompt:
-    """The prompt for a completion at character ``cursor`` of ``text`` (the file at ``path``)."""
+    """The prompt for a completion at character ``cursor`` of ``text`` (the file at ``path``).
+
+    ``preamble``: tokens read before the file, outside its budget; retrieval by prompt stuffing
+    puts other files' snippets there (with their file headers, as files follow one another in
+    training documents).
+    """
     before = text[:cursor]
     line_start = before.rfind("\n") + 1
     typed = word_before(before[line_start:])
@@ -65,6 +72,7 @@ def build(
     if ids and ids[-1] < tok.base:  # heal: let the model retokenize the last token and the word
         required = tok.token_bytes[ids[-1]] + required
         ids = ids[:-1]
+    ids = [*preamble, *ids]
     after = text[cursor : cursor + suffix_tokens * 8]
     use_fim = fim and after.strip() != ""
     if use_fim:

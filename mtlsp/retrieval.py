@@ -20,8 +20,9 @@ from .memory_files import Entries, StoreError
 class StoreMemory:
     """``mtlsp_model.memory.Memory`` over a ``MemoryStore`` (one shared key/value head)."""
 
-    def __init__(self, store: MemoryStore) -> None:
+    def __init__(self, store: MemoryStore, hide: tuple[str, ...] = ()) -> None:
         self.store = store
+        self.hide = hide  # files this view leaves out (evaluation: the file being scored)
         self.last: Hits | None = None  # hits of the latest search, for provenance
 
     @torch.no_grad()
@@ -29,7 +30,7 @@ class StoreMemory:
         B, H, T, D = queries.shape
         if D != self.store.dim:
             raise StoreError(f"model queries have {D} dims, the memory store holds {self.store.dim}")
-        hits = self.store.search(queries.detach().float().cpu().numpy().reshape(-1, D), k)
+        hits = self.store.search(queries.detach().float().cpu().numpy().reshape(-1, D), k, hide=self.hide)
         self.last = hits
         shape = (B, H, T, k)
         keys = torch.from_numpy(hits.keys).view(*shape, D).to(queries.device, queries.dtype)

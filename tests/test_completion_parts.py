@@ -179,7 +179,9 @@ def test_window_start_stable_a_few_chars_apart(tok, cursor_offset):
     c = 8000
     a = prompt.build(tok, "model.py", LONG_TEXT, c, prefix_tokens=200, fim=False)
     b = prompt.build(tok, "model.py", LONG_TEXT, c + cursor_offset, prefix_tokens=200, fim=False)
-    assert common_prefix(a.ids, b.ids) >= min(len(a.ids), len(b.ids)) - 2 >= 150
+    # tokens are dropped in blocks of 50 from a 200 budget, one more is healed away: >= 150 kept
+    assert min(len(a.ids), len(b.ids)) >= 150
+    assert common_prefix(a.ids, b.ids) >= min(len(a.ids), len(b.ids)) - 2
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,1 @@
+"""Headless evaluation of the memory on real repositories (``mtlsp eval``)."""

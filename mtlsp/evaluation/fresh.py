@@ -1,0 +1,162 @@
+"""Newly defined functions: can a completion use a function a moment after it was written?
+
+A trial writes a function with a freshly made name, found nowhere in the repository, at the end
+of one module, through ``Indexer.update_text`` (the path the server feeds unsaved buffers
+through).  Another file then imports that module and starts a call: ``alias.`` with 0, 1 and 2
+characters of the new name typed.  A hit is ghost text that starts with the name, or the name
+at the top of the popup list.  The clock runs from the start of the update to the end of the
+first completion that hits (the server adds its debounce, 250 ms by default, in front).  The
+same prompts without memory are the control: a name the model never saw cannot come from its
+weights.  The module is put back as it was after each trial.
+"""
+
+from __future__ import annotations
+
+import keyword
+import random
+import time
+from dataclasses import dataclass, field
+
+from ..complete import Completer, Recall
+from ..indexer import Indexer
+from . import metrics
+
+_VERBS = ["reconcile", "tabulate", "coalesce", "summarize", "stitch", "harvest", "distill", "tally",
+          "braid", "sift", "quench", "splice", "collate", "winnow", "marshal"]
+_ADJECTIVES = ["quarterly", "dormant", "sparse", "nested", "stale", "orphaned", "pending", "brittle",
+               "tidal", "amber", "lunar", "woven", "hollow", "crimson"]
+_NOUNS = ["ledgers", "manifests", "tallies", "bundles", "cohorts", "fragments", "receipts", "lanterns",
+          "harbors", "ribbons", "parcels", "glyphs", "orchards", "beacons"]
+
+_BODIES = [
+    '''def {name}(records, key="id"):
+    """Group ``records`` by ``key``, keeping the order they came in."""
+    grouped = {{}}
+    for record in records:
+        grouped.setdefault(record[key], []).append(record)
+    return grouped
+''',
+    '''def {name}(values, threshold=0.5):
+    """How many of ``values`` lie above ``threshold``."""
+    return sum(1 for value in values if value > threshold)
+''',
+    '''def {name}(text, width=80):
+    """Split ``text`` into lines of at most ``width`` characters, at spaces."""
+    lines, line = [], ""
+    for word in text.split():
+        if line and len(line) + 1 + len(word) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{{line}} {{word}}" if line else word
+    return lines + [line] if line else lines
+''',
+]
+
+
+def fresh_name(rng: random.Random, corpus: str) -> str:
+    """A three-word snake_case name that occurs nowhere in ``corpus``."""
+    while True:
+        name = f"{rng.choice(_VERBS)}_{rng.choice(_ADJECTIVES)}_{rng.choice(_NOUNS)}"
+        if name not in corpus:
+            return name
+
+
+def module_name(path: str) -> str | None:
+    """The dotted import name of a repository file (src layout understood), None if it has none."""
+    if not path.endswith(".py"):
+        return None
+    parts = path[:-3].split("/")
+    if parts[0] == "src":
+        parts = parts[1:]
+    if parts and parts[-1] == "__init__":
+        parts = parts[:-1]
+    if not parts or not all(p.isidentifier() and not keyword.iskeyword(p) for p in parts):
+        return None
+    return ".".join(parts)
+
+
+@dataclass
+class Trial:
+    name: str
+    defined_in: str
+    called_from: str
+    update_ms: float  # encoding the edited module into the memory
+    hits: dict[int, dict] = field(default_factory=dict)  # typed -> {inline, popup_top1, reciprocal_rank}
+    plain_hits: dict[int, dict] = field(default_factory=dict)  # the same without memory
+    first_correct_ms: float | None = None  # from the edit to the first hit (None: no hit)
+
+
+def caller_text(text: str, module: str, alias: str, typed: str) -> str:
+    return f"{text.rstrip()}\n\n\nimport {module} as {alias}\n\n\ndef _check_new_helper():\n    return {alias}.{typed}"
+
+
+def _score(completer: Completer, uri: str, path: str, text: str, recall: Recall | None, name: str,
+           max_tokens: int) -> dict:
+    inline = completer.inline(uri, path, text, len(text), recall, max_tokens=max_tokens)
+    typed_part = text[text.rfind(".") + 1 :]
+    _, items = completer.popup(uri, path, text, len(text), recall)
+    words = [c.word for c in items]
+    return {
+        "inline": metrics.first_name(typed_part + inline.text) == name,
+        "popup_top1": bool(words) and words[0] == name,
+        "reciprocal_rank": metrics.reciprocal_rank(name, words),
+    }
+
+
+def run_trial(
+    completer: Completer,
+    indexer: Indexer,
+    recall: Recall,
+    texts: dict[str, str],
+    defined_in: str,
+    called_from: str,
+    name: str,
+    body: str,
+    typed_counts: tuple[int, ...],
+    max_tokens: int,
+) -> Trial:
+    module = module_name(defined_in)
+    assert module is not None
+    alias = module.rsplit(".", 1)[-1]
+    original = texts[defined_in]
+    edited = f"{original.rstrip()}\n\n\n{body.format(name=name)}"
+    t0 = time.perf_counter()
+    try:
+        indexer.update_text(defined_in, edited)
+        trial = Trial(name, defined_in, called_from, (time.perf_counter() - t0) * 1000)
+        for condition, rec in (("memory", recall), ("none", None)):
+            uri = f"eval://fresh-{condition}/{called_from}"
+            for typed in typed_counts:
+                text = caller_text(texts[called_from], module, alias, name[:typed])
+                got = _score(completer, uri, called_from, text, rec, name, max_tokens)
+                if condition == "memory":
+                    trial.hits[typed] = got
+                    if trial.first_correct_ms is None and (got["inline"] or got["popup_top1"]):
+                        trial.first_correct_ms = (time.perf_counter() - t0) * 1000
+                else:
+                    trial.plain_hits[typed] = got
+            completer.forget(uri)
+    finally:
+        indexer.update_text(defined_in, original)
+    return trial
+
+
+def plan_trials(texts: dict[str, str], stored: set[str], count: int, seed: int) -> list[tuple[str, str, str, str]]:
+    """``count`` (module, caller, name, body) choices, reproducible by ``seed``."""
+    rng = random.Random(seed)
+    modules = sorted(p for p in texts if p in stored and module_name(p) is not None)
+    callers = sorted(p for p in texts if p.endswith(".py"))
+    if not modules or len(callers) < 2:
+        return []
+    corpus = "\n".join(texts.values())
+    plans, used = [], set()
+    for _ in range(count):
+        module = rng.choice(modules)
+        caller = rng.choice([c for c in callers if c != module])
+        name = fresh_name(rng, corpus)
+        while name in used:
+            name = fresh_name(rng, corpus)
+        used.add(name)
+        plans.append((module, caller, name, rng.choice(_BODIES)))
+    return plans
