@@ -30,12 +30,16 @@ class LineIndex:
     def __init__(self, texts: dict[str, str]) -> None:
         self._starts: dict[str, list[int]] = {}
         for path, text in texts.items():
-            data = text.encode("utf-8")
-            starts, pos = [0], data.find(b"\n")
-            while pos >= 0:
-                starts.append(pos + 1)
-                pos = data.find(b"\n", pos + 1)
-            self._starts[path] = starts
+            self.set(path, text)
+
+    def set(self, path: str, text: str) -> None:
+        """Follow an edit of ``path`` (the new-function trials write into the memory)."""
+        data = text.encode("utf-8")
+        starts, pos = [0], data.find(b"\n")
+        while pos >= 0:
+            starts.append(pos + 1)
+            pos = data.find(b"\n", pos + 1)
+        self._starts[path] = starts
 
     def __call__(self, path: str, offset: int) -> int:
         starts = self._starts.get(path)
@@ -60,6 +64,7 @@ class Attempt:
     similarity: float
     identifiers: bool
     name_hit: bool  # the completion starts with the callee's name
+    definition_read: bool  # a file defining the callee is among the ghost text's top memory support
     inline_ms: float
     popup: list[str]
     reciprocal_rank: float
@@ -101,6 +106,7 @@ def complete_site(
                 similarity=metrics.edit_similarity(prediction, site.target),
                 identifiers=metrics.identifier_match(prediction, site.target),
                 name_hit=metrics.first_name(prediction) == site.name,
+                definition_read=any(sp.path in site.defined_in for sp in inline.support),
                 inline_ms=inline.ms,
                 popup=words,
                 reciprocal_rank=metrics.reciprocal_rank(site.name, words),

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from ..complete import Completer, Recall
 from ..indexer import Indexer
 from . import metrics
+from .callsites import LineIndex
 
 _VERBS = ["reconcile", "tabulate", "coalesce", "summarize", "stitch", "harvest", "distill", "tally",
           "braid", "sift", "quench", "splice", "collate", "winnow", "marshal"]
@@ -82,7 +83,7 @@ class Trial:
     defined_in: str
     called_from: str
     update_ms: float  # encoding the edited module into the memory
-    hits: dict[int, dict] = field(default_factory=dict)  # typed -> {inline, popup_top1, reciprocal_rank}
+    hits: dict[int, dict] = field(default_factory=dict)  # typed -> {inline, popup_top1, reciprocal_rank, retrieved}
     plain_hits: dict[int, dict] = field(default_factory=dict)  # the same without memory
     first_correct_ms: float | None = None  # from the edit to the first hit (None: no hit)
 
@@ -92,7 +93,9 @@ def caller_text(text: str, module: str, alias: str, typed: str) -> str:
 
 
 def _score(completer: Completer, uri: str, path: str, text: str, recall: Recall | None, name: str,
-           max_tokens: int) -> dict:
+           max_tokens: int, new_lines: tuple[str, int]) -> dict:
+    """Hits of ghost text and popup; ``retrieved``: the new function's lines (file, first line)
+    are among the ghost text's top memory support, whatever the model then wrote."""
     inline = completer.inline(uri, path, text, len(text), recall, max_tokens=max_tokens)
     typed_part = text[text.rfind(".") + 1 :]
     _, items = completer.popup(uri, path, text, len(text), recall)
@@ -101,6 +104,7 @@ def _score(completer: Completer, uri: str, path: str, text: str, recall: Recall 
         "inline": metrics.first_name(typed_part + inline.text) == name,
         "popup_top1": bool(words) and words[0] == name,
         "reciprocal_rank": metrics.reciprocal_rank(name, words),
+        "retrieved": any(sp.path == new_lines[0] and sp.line >= new_lines[1] for sp in inline.support),
     }
 
 
@@ -108,6 +112,7 @@ def run_trial(
     completer: Completer,
     indexer: Indexer,
     recall: Recall,
+    lines: LineIndex,  # recall's line_of: follows the edit, for the provenance check
     texts: dict[str, str],
     defined_in: str,
     called_from: str,
@@ -124,12 +129,14 @@ def run_trial(
     t0 = time.perf_counter()
     try:
         indexer.update_text(defined_in, edited)
+        lines.set(defined_in, edited)
         trial = Trial(name, defined_in, called_from, (time.perf_counter() - t0) * 1000)
         for condition, rec in (("memory", recall), ("none", None)):
             uri = f"eval://fresh-{condition}/{called_from}"
             for typed in typed_counts:
                 text = caller_text(texts[called_from], module, alias, name[:typed])
-                got = _score(completer, uri, called_from, text, rec, name, max_tokens)
+                got = _score(completer, uri, called_from, text, rec, name, max_tokens,
+                             (defined_in, original.rstrip().count("\n") + 4))
                 if condition == "memory":
                     trial.hits[typed] = got
                     if trial.first_correct_ms is None and (got["inline"] or got["popup_top1"]):
@@ -139,6 +146,7 @@ def run_trial(
             completer.forget(uri)
     finally:
         indexer.update_text(defined_in, original)
+        lines.set(defined_in, original)
     return trial
 
 

@@ -129,20 +129,22 @@ def markdown(results: list[dict], meta: dict, paths: dict[str, Path]) -> str:
                     f"{_ms(st['memory_prefill_ms'])} ms; stuffed prefills without memory: "
                     + ", ".join(f"{k} tokens {_ms(v)} ms" for k, v in st["stuffed_prefill_ms"].items()) + ").", ""]
         out += ["Line completion (ghost text) and popup, percent:", "",
-                "| condition | typed | EM | ES | identifier EM | name first | popup top-1 | popup MRR |",
-                "|---|---|---|---|---|---|---|---|"]
+                "| condition | typed | EM | ES | identifier EM | name first | popup top-1 | popup MRR | definition read |",
+                "|---|---|---|---|---|---|---|---|---|"]
         for cond, rows in s["lines"].items():
             for typed in TYPED:
                 v = _get(rows, typed)
                 if v:
                     out.append(f"| {cond} | {typed} | {_pct(v['exact_match'])} | {_pct(v['edit_similarity'])} | "
                                f"{_pct(v['identifier_match'])} | {_pct(v['name_hit'])} | {_pct(v['popup_top1'])} | "
-                               f"{_pct(v['popup_mrr'])} |")
+                               f"{_pct(v['popup_mrr'])} | {_pct(v['definition_read'])} |")
         for typed in TYPED:
             v = _get(s["jedi"], typed)
             if v:
-                out.append(f"| jedi | {typed} | | | | | {_pct(v['top1'])} | {_pct(v['mrr'])} |")
-        out += ["", CROSSCODEEVAL, ""]
+                out.append(f"| jedi | {typed} | | | | | {_pct(v['top1'])} | {_pct(v['mrr'])} | |")
+        out += ["", "*Definition read*: a file defining the callee is among the five files and lines whose "
+                "memory entries the ghost text attended to most: the retrieval found it, whatever the model "
+                "then wrote.", "", CROSSCODEEVAL, ""]
         if s["jedi"]:
             out += ["jedi: " + "; ".join(
                 f"{t} typed: {_get(s['jedi'], t)['errors']} errors, p50 {_ms(_get(s['jedi'], t)['ms_p50'])} ms"
@@ -157,7 +159,9 @@ def markdown(results: list[dict], meta: dict, paths: dict[str, Path]) -> str:
         out += ["", f"### Newly defined functions ({f['trials']} trials)", "",
                 "| condition | " + " | ".join(f"{t} typed" for t in TYPED) + " |", "|---|---|---|---|"]
         for cond in ("memory", "none"):
-            out.append(f"| {cond} | " + " | ".join(_pct(_get(f["hit_rate"][cond], t)) for t in TYPED) + " |")
+            out.append(f"| {cond}: hit | " + " | ".join(_pct(_get(f["hit_rate"][cond], t)) for t in TYPED) + " |")
+        out.append("| memory: new lines among the top support | "
+                   + " | ".join(_pct(_get(f["definition_retrieved"], t)) for t in TYPED) + " |")
         out += ["", f"Edit → first correct completion: p50 {_ms(f['first_correct_ms_p50'])} ms over the "
                 f"{f['first_correct_trials']} trials that hit; writing the edit into the memory: p50 "
                 f"{_ms(f['update_ms_p50'])} ms.", ""]

@@ -155,7 +155,8 @@ def evaluate(root: Path, engine: Engine, options: Options, manifest: dict, progr
     sites = sample(all_sites, options.limit, options.seed)
     completer = engine.completer(384)
     memory = StoreMemory(store)
-    recall = Recall(memory, callsites.LineIndex(texts))
+    lines = callsites.LineIndex(texts)
+    recall = Recall(memory, lines)
     conditions = [callsites.Condition("memory", recall), callsites.Condition("none")]
     stuffing_info = None
     if options.bm25 and sites:
@@ -191,7 +192,7 @@ def evaluate(root: Path, engine: Engine, options: Options, manifest: dict, progr
     trials = []
     plans = fresh.plan_trials(texts, set(stored), options.fresh, options.seed)
     for i, (module, caller, name, body) in enumerate(plans):
-        trials.append(asdict(fresh.run_trial(completer, indexer, recall, texts, module, caller, name, body,
+        trials.append(asdict(fresh.run_trial(completer, indexer, recall, lines, texts, module, caller, name, body,
                                              TYPED, options.max_tokens)))
         progress("fresh", i + 1, len(plans))
 
@@ -234,6 +235,7 @@ def summarize(rows: list[dict], trials: list[dict], bpt: dict) -> dict:
                 "name_hit": _rate([a["name_hit"] for a in got]),
                 "popup_top1": _rate([a["reciprocal_rank"] == 1.0 for a in got]),
                 "popup_mrr": _rate([a["reciprocal_rank"] for a in got]),
+                "definition_read": _rate([a["definition_read"] for a in got]),
             }
     jedi: dict[int, dict] = {}
     for typed in TYPED:
@@ -262,10 +264,12 @@ def summarize(rows: list[dict], trials: list[dict], bpt: dict) -> dict:
             "popup_p95": metrics.percentile([a["popup_ms"] for a in got], 95),
         }
     fresh_rates: dict[str, dict[int, float | None]] = {"memory": {}, "none": {}}
+    retrieved: dict[int, float | None] = {}
     for typed in TYPED:
         for cond, key in (("memory", "hits"), ("none", "plain_hits")):
             got = [t[key][typed] for t in trials if typed in t[key]]
             fresh_rates[cond][typed] = _rate([g["inline"] or g["popup_top1"] for g in got])
+        retrieved[typed] = _rate([t["hits"][typed]["retrieved"] for t in trials if typed in t["hits"]])
     first_ms = [t["first_correct_ms"] for t in trials if t["first_correct_ms"] is not None]
     summary = {
         "lines": lines,
@@ -274,6 +278,7 @@ def summarize(rows: list[dict], trials: list[dict], bpt: dict) -> dict:
         "fresh": {
             "trials": len(trials),
             "hit_rate": fresh_rates,
+            "definition_retrieved": retrieved,
             "first_correct_ms_p50": metrics.percentile(first_ms, 50),
             "first_correct_trials": len(first_ms),
             "update_ms_p50": metrics.percentile([t["update_ms"] for t in trials], 50),
