@@ -614,6 +614,8 @@ class MemoryStore:
             out = {p: h for p, h in old.get("evicted", {}).items() if p not in files and p not in removes}
             out.update((p, hashes[p]) for p in evicted)
             new = self._next_manifest(old, files, seg if rows else None, rows, evicted=out)
+            if evicted:
+                new["evicted_cap"] = self.options.cap_tokens
             fresh = {}
             if rows:
                 fresh[seg] = Entries.concat(parts, self.dim)
@@ -906,8 +908,14 @@ class MemoryStore:
             return {p: _file_info(f) for p, f in self._m["files"].items()}
 
     def evicted(self) -> dict[str, str]:
-        """Files evicted for capacity and not stored since: path -> content hash at eviction."""
+        """Files evicted for capacity and not stored since: path -> content hash at eviction.
+
+        Empty once the cap is raised above the one they were evicted under: they may fit now,
+        and a refresh should bring them back rather than leave them out for good.
+        """
         with self._lock:
+            if self.options.cap_tokens > self._m.get("evicted_cap", self.options.cap_tokens):
+                return {}
             return dict(self._m.get("evicted", {}))
 
     def file_info(self, path: str) -> FileInfo | None:

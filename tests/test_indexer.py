@@ -336,3 +336,8 @@ def test_files_evicted_for_capacity_are_not_reencoded_by_every_refresh(tmp_path,
     gone = ix.refresh()  # a deleted file is forgotten, evicted or not
     assert gone.removed == 1 and deleted not in ix.store.evicted() and deleted not in ix.store.files()
     assert report.indexed == 1
+    ix.store.options.cap_tokens = per_file * 100  # the cap raised (a setting): all of them fit now
+    assert ix.store.evicted() == {}
+    raised = ix.refresh()
+    assert raised.tokens_encoded > 0 and set(ix.store.files()) == {p.name for p in root.glob("*.py")}
+    assert ix.refresh().tokens_encoded == 0
