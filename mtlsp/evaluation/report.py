@@ -71,15 +71,15 @@ def plot_typed(results: list[dict], path: Path) -> None:
         for cond, style in (("memory", "-o"), ("none", "--s"), ("bm25", ":^")):
             row = s["lines"].get(cond)
             if row:
-                xs = [t for t in TYPED if t in row or str(t) in row]
-                axes[0].plot(xs, [_get(row, t)["popup_top1"] for t in xs], style, label=f"{name} {cond}")
+                xs = [t for t in TYPED if t in row]
+                axes[0].plot(xs, [row[t]["popup_top1"] for t in xs], style, label=f"{name} {cond}")
         if s["jedi"]:
-            xs = [t for t in TYPED if t in s["jedi"] or str(t) in s["jedi"]]
-            axes[0].plot(xs, [_get(s["jedi"], t)["top1"] for t in xs], "-.x", label=f"{name} jedi")
+            xs = [t for t in TYPED if t in s["jedi"]]
+            axes[0].plot(xs, [s["jedi"][t]["top1"] for t in xs], "-.x", label=f"{name} jedi")
         for cond, style in (("memory", "-o"), ("none", "--s")):
             rates = s["fresh"]["hit_rate"][cond]
-            xs = [t for t in TYPED if _get(rates, t) is not None]
-            axes[1].plot(xs, [_get(rates, t) for t in xs], style, label=f"{name} {cond}")
+            xs = [t for t in TYPED if rates.get(t) is not None]
+            axes[1].plot(xs, [rates.get(t) for t in xs], style, label=f"{name} {cond}")
     axes[0].set_title("Cross-file call sites: right name first")
     axes[1].set_title("Newly defined functions: hit rate")
     for ax in axes:
@@ -91,11 +91,6 @@ def plot_typed(results: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
-
-
-def _get(d: dict, typed: int):
-    """JSON turns int keys into strings; results read back from eval.json have those."""
-    return d[typed] if typed in d else d.get(str(typed))
 
 
 def markdown(results: list[dict], meta: dict, paths: dict[str, Path]) -> str:
@@ -133,13 +128,13 @@ def markdown(results: list[dict], meta: dict, paths: dict[str, Path]) -> str:
                 "|---|---|---|---|---|---|---|---|---|"]
         for cond, rows in s["lines"].items():
             for typed in TYPED:
-                v = _get(rows, typed)
+                v = rows.get(typed)
                 if v:
                     out.append(f"| {cond} | {typed} | {_pct(v['exact_match'])} | {_pct(v['edit_similarity'])} | "
                                f"{_pct(v['identifier_match'])} | {_pct(v['name_hit'])} | {_pct(v['popup_top1'])} | "
                                f"{_pct(v['popup_mrr'])} | {_pct(v['definition_read'])} |")
         for typed in TYPED:
-            v = _get(s["jedi"], typed)
+            v = s["jedi"].get(typed)
             if v:
                 out.append(f"| jedi | {typed} | | | | | {_pct(v['top1'])} | {_pct(v['mrr'])} | |")
         out += ["", "*Definition read*: a file defining the callee is among the five files and lines whose "
@@ -147,8 +142,8 @@ def markdown(results: list[dict], meta: dict, paths: dict[str, Path]) -> str:
                 "then wrote.", "", CROSSCODEEVAL, ""]
         if s["jedi"]:
             out += ["jedi: " + "; ".join(
-                f"{t} typed: {_get(s['jedi'], t)['errors']} errors, p50 {_ms(_get(s['jedi'], t)['ms_p50'])} ms"
-                for t in TYPED if _get(s["jedi"], t)), ""]
+                f"{t} typed: {s['jedi'].get(t)['errors']} errors, p50 {_ms(s['jedi'].get(t)['ms_p50'])} ms"
+                for t in TYPED if s["jedi"].get(t)), ""]
         out += ["### Latency (ms, this machine)", "",
                 "| condition | inline p50 | inline p95 | first at a site p50 | next keystroke p50 | popup p50 | popup p95 |",
                 "|---|---|---|---|---|---|---|"]
@@ -159,9 +154,9 @@ def markdown(results: list[dict], meta: dict, paths: dict[str, Path]) -> str:
         out += ["", f"### Newly defined functions ({f['trials']} trials)", "",
                 "| condition | " + " | ".join(f"{t} typed" for t in TYPED) + " |", "|---|---|---|---|"]
         for cond in ("memory", "none"):
-            out.append(f"| {cond}: hit | " + " | ".join(_pct(_get(f["hit_rate"][cond], t)) for t in TYPED) + " |")
+            out.append(f"| {cond}: hit | " + " | ".join(_pct(f["hit_rate"][cond].get(t)) for t in TYPED) + " |")
         out.append("| memory: new lines among the top support | "
-                   + " | ".join(_pct(_get(f["definition_retrieved"], t)) for t in TYPED) + " |")
+                   + " | ".join(_pct(f["definition_retrieved"].get(t)) for t in TYPED) + " |")
         out += ["", f"Edit → first correct completion: p50 {_ms(f['first_correct_ms_p50'])} ms over the "
                 f"{f['first_correct_trials']} trials that hit; writing the edit into the memory: p50 "
                 f"{_ms(f['update_ms_p50'])} ms.", ""]
