@@ -35,6 +35,8 @@ from .evaluation.run import Options, evaluate
 from .memory_files import StoreError
 from .workspace import Engine
 
+_DEFAULTS = Options()
+
 
 def _options(a: argparse.Namespace) -> Options:
     return Options(
@@ -89,18 +91,18 @@ def main(argv: list[str]) -> None:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("repos", nargs="+", type=Path, help="repository checkouts")
     ap.add_argument("--out", type=Path, default=Path("mtlsp-eval"), help="report directory (default: ./mtlsp-eval)")
-    ap.add_argument("--limit", type=int, default=200, help="call sites per repository, sampled by --seed (0: all)")
+    ap.add_argument("--limit", type=int, default=_DEFAULTS.limit, help="call sites per repository, sampled by --seed (0: all)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--files", type=int, default=0, help="Python files scored for bits per token, sampled (0: all)")
-    ap.add_argument("--curve-files", type=int, default=8, help="files scored at each memory size of the curve")
-    ap.add_argument("--fresh", type=int, default=10, help="new-function trials per repository")
+    ap.add_argument("--curve-files", type=int, default=_DEFAULTS.curve_files, help="files scored at each memory size of the curve")
+    ap.add_argument("--fresh", type=int, default=_DEFAULTS.fresh, help="new-function trials per repository")
     ap.add_argument("--jobs", type=int, default=1, help="repositories evaluated in parallel processes")
     ap.add_argument("--weights", type=Path, help="weights directory (default: the shipped weights)")
     ap.add_argument("--manifest", type=Path,
                     help="training corpus manifest (default: corpus_manifest.json beside the weights)")
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    ap.add_argument("--memory-cap", type=int, default=1_000_000, help="memory cap in tokens, as the server's")
-    ap.add_argument("--max-tokens", type=int, default=48, help="tokens per ghost-text completion, as the server's")
+    ap.add_argument("--memory-cap", type=int, default=_DEFAULTS.memory_cap, help="memory cap in tokens, as the server's")
+    ap.add_argument("--max-tokens", type=int, default=_DEFAULTS.max_tokens, help="tokens per ghost-text completion, as the server's")
     ap.add_argument("--cache-dir", help="cache root; evaluation stores live in its eval/ folder, apart from the server's "
                     "(default: $MTLSP_CACHE_DIR or $XDG_CACHE_HOME/mtlsp)")
     ap.add_argument("--no-jedi", action="store_true", help="skip the jedi baseline")

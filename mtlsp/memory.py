@@ -859,8 +859,7 @@ class MemoryStore:
             self._remember(q)
             hidden = self._slots_of(hide) if hide else None
             if hidden is not None and hidden.size:
-                searcher = self._ann if self._ann is not None and self._truth.live >= self.options.ann_threshold else self._truth
-                scores, slots = searcher.search(q, k, hidden=hidden)
+                scores, slots = self._cpu_searcher().search(q, k, hidden=hidden)
             else:
                 scores, slots = self._searcher().search(q, k)
             ok = slots >= 0
@@ -886,6 +885,10 @@ class MemoryStore:
                 live = self._live_slots()
                 self._mirror.rebuild(live, self._keys[live].astype(np.float32))
             return self._mirror
+        return self._cpu_searcher()
+
+    def _cpu_searcher(self):
+        """The IVF index once the store is large and it is built, else exact search."""
         if self._ann is not None and self._truth.live >= self.options.ann_threshold:
             return self._ann
         return self._truth

@@ -8,6 +8,7 @@ checkout reuses that store and encodes nothing.
 
 from __future__ import annotations
 
+import itertools
 import random
 import statistics
 import time
@@ -19,12 +20,13 @@ import torch
 from mtlsp_model.corpus import refuse_trained_on
 
 from .. import prompt
-from ..complete import Recall
+from ..complete import Completer, Recall
 from ..indexer import Indexer
 from ..memory import MemoryStore, StoreOptions
 from ..memory_files import default_cache_root
 from ..retrieval import StoreMemory
 from ..scan import ScanOptions, read_text, walk
+from ..settings import Settings
 from ..workspace import Engine
 from . import bits, callsites, fresh, metrics
 from .bm25 import BM25, query_before
@@ -32,6 +34,7 @@ from .jedi_baseline import Jedi
 from .sites import Site, cut, find_sites, sample
 
 TYPED = (0, 1, 2)
+_SERVER = Settings()
 STUFFING_SIZES = (0, 128, 256, 384, 512)
 
 
@@ -43,9 +46,9 @@ class Options:
     curve_files: int = 8  # files scored at each memory size of the curve
     curve_sizes: tuple[int, ...] = (4_096, 16_384, 65_536, 262_144)
     fresh: int = 10  # new-function trials
-    memory_cap: int = 1_000_000
+    memory_cap: int = _SERVER.memory_cap  # the server's defaults: what a user gets
     store_root: Path | None = None  # evaluation stores live in <this>/eval (default: the cache root)
-    max_tokens: int = 48
+    max_tokens: int = _SERVER.max_tokens
     jedi: bool = True
     bm25: bool = True
 
@@ -70,7 +73,7 @@ def _sample_files(paths: list[str], n: int | None, seed: int) -> list[str]:
     return sorted(random.Random(seed).sample(paths, n))
 
 
-def _calibrate_stuffing(engine: Engine, completer, memory: StoreMemory, index: BM25, sites: list[Site],
+def _calibrate_stuffing(engine: Engine, completer: Completer, memory: StoreMemory, index: BM25, sites: list[Site],
                         texts: dict[str, str], max_tokens: int) -> dict:
     """The largest stuffing budget whose prompt reads no slower without memory than the plain
     prompt reads with memory (medians over a few sites): the equal-latency budget."""
@@ -93,8 +96,8 @@ def _calibrate_stuffing(engine: Engine, completer, memory: StoreMemory, index: B
         with_memory.append(timed(p.ids, memory))
     budget_ms = statistics.median(with_memory) if with_memory else 0.0
     chosen, measured = 0, {}
+    room = dec.window - max_tokens - 8
     for size in STUFFING_SIZES:
-        room = dec.window - max_tokens - 8
         times = []
         for s, p in prompts:
             pre = index.preamble(tok, query_before(texts[s.path], s.offset), s.path, size)
@@ -134,15 +137,10 @@ def evaluate(root: Path, engine: Engine, options: Options, manifest: dict, progr
 
     # 1. bits per token, leave one file out
     bpt_files = _sample_files(py, options.files, options.seed)
-    done = [0]
 
     def tick(stage: str, total: int) -> Callable[[], None]:
-        done[0] = 0
-
-        def f() -> None:
-            done[0] += 1
-            progress(stage, done[0], total)
-        return f
+        done = itertools.count(1)
+        return lambda: progress(stage, next(done), total)
 
     with torch.no_grad():
         loo = bits.leave_one_out(model, tok, store, texts, bpt_files, tick("bits", len(bpt_files)))
@@ -153,7 +151,7 @@ def evaluate(root: Path, engine: Engine, options: Options, manifest: dict, progr
     # 2. cross-file call sites, with memory, without, with BM25 stuffing; and jedi
     all_sites = find_sites({p: texts[p] for p in py})
     sites = sample(all_sites, options.limit, options.seed)
-    completer = engine.completer(384)
+    completer = engine.completer(_SERVER.context_tokens)
     memory = StoreMemory(store)
     lines = callsites.LineIndex(texts)
     recall = Recall(memory, lines)
@@ -196,6 +194,7 @@ def evaluate(root: Path, engine: Engine, options: Options, manifest: dict, progr
                                              TYPED, options.max_tokens)))
         progress("fresh", i + 1, len(plans))
 
+    bpt = bits.summarize(loo)
     return {
         "repository": root.name,
         "path": str(root),
@@ -204,12 +203,12 @@ def evaluate(root: Path, engine: Engine, options: Options, manifest: dict, progr
             "evicted_files": len(store.evicted()), "tokens_encoded": report.tokens_encoded,
             "index_seconds": report.seconds, "backend": store.stats().get("backend"),
         },
-        "bits": bits.summarize(loo),
+        "bits": bpt,
         "memory_curve": curve,
         "sites": {"found": len(all_sites), "evaluated": len(sites), "rows": rows},
         "stuffing": stuffing_info,
         "fresh": trials,
-        "summary": summarize(rows, trials, bits.summarize(loo)),
+        "summary": summarize(rows, trials, bpt),
         "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()},
         "seconds": time.perf_counter() - t_start,
     }
