@@ -1,7 +1,7 @@
-"""mtlsp's engine: a memorizing transformer for code (installed as ``mtlsp_model``)."""
+"""mtlsp's engine: a memorizing transformer for code on a pretrained base (installed as ``mtlsp_model``)."""
 
 from .memory import Memory, Retrieved, TensorMemory
-from .model import KV, MemorizingTransformer, ModelConfig
-from .tokenizer import CodeTokenizer
+from .model import KV, Entries, MemorizingTransformer, ModelConfig
+from .tokenizer import Tokenizer
 
-__all__ = ["KV", "CodeTokenizer", "MemorizingTransformer", "Memory", "ModelConfig", "Retrieved", "TensorMemory"]
+__all__ = ["KV", "Entries", "MemorizingTransformer", "Memory", "ModelConfig", "Retrieved", "TensorMemory", "Tokenizer"]

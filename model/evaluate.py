@@ -1,176 +1,155 @@
-"""Bits per token (and per byte) of a model on held-out repositories, at several memory sizes.
+"""Bits per token with and without the memory, leaving one file out: the paper's measurement,
+on a project's files, plus the figures that say *why* it helps.
 
-The paper's measurement: a repository's files are streamed as one document, segment by
-segment, with the XL cache and a memory that holds the most recent ``capacity`` tokens of the
-document (0 = memory off, ``None`` = the whole repository).  Comparing the sizes shows how much
-the memory buys.  A second mode scores files one at a time in sliding windows, memory off, to
-compare with plain language models.
+For every file of a project, scored in sliding windows behind its file header:
+
+- ``none``: the base alone (the memory heads read nothing);
+- ``memory``: the memory holds every other file of the project (the file's own entries hidden);
+- ``control``: the memory holds an unrelated project instead: a memory that helps only because it
+  holds the right code should not help here;
+- ``stuffed``: no memory, but each window is read after the most related chunk of another file
+  (most shared identifiers), the in-prompt context the memory stands in for.  The share of the
+  gap closed, ``(none - memory) / (none - stuffed)``, says how close the memory comes to it.
+
+Each is reported on all tokens and on *cross-file identifier tokens*: tokens of names that
+another file defines and this one does not, where a project memory should matter most.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from .corpus import load_document, refuse_trained_on
-from .dataset import document_tokens
-from .memory import Memory
+from .memory import Memory, TensorMemory
 from .model import MemorizingTransformer
-from .runner import SegmentRunner, autocast
-from .stream import SegmentStream
-from .tokenizer import CodeTokenizer
+from .projects import SourceFile, cross_file_mask, defined_names, related_chunks, top_level_chunks
+from .tokenizer import Tokenizer
 
 LN2 = math.log(2)
+CONDITIONS = ("none", "memory", "control", "stuffed")
+STUFF_TOKENS = 1024  # the related chunks' budget in the stuffed condition
+WINDOW = 512  # files are scored in windows of this many tokens, advancing by half
+
+
+@torch.no_grad()
+def score_file(model: MemorizingTransformer, f: SourceFile, memory: Memory | None, *, window: int = WINDOW,
+               stride: int = WINDOW // 2, prefix_of: Callable[[int, int], list[int]] | None = None) -> np.ndarray:
+    """Negative log-likelihood (nats) of each text token of ``f``, NaN where not scored.
+
+    Sliding windows of ``window`` tokens advancing by ``stride``: every token is scored once,
+    with at least ``window - stride`` tokens before it (all of them near the start).
+    ``prefix_of(a, b)``: tokens read before the window ``ids[a:b]`` (the stuffed condition).
+    """
+    ids = f.ids
+    nll = np.full(len(ids), np.nan)
+    done = max(1, f.first)  # the next position to score
+    device = model.embed.weight.device
+    for a in range(0, len(ids), stride):
+        b = min(a + window, len(ids))
+        if b <= done:
+            continue
+        prefix = prefix_of(a, b) if prefix_of else []
+        x = torch.tensor([prefix + ids[a:b]], device=device)
+        logp = model(x, memory=memory).logits[0, len(prefix):]
+        targets = torch.tensor(ids[a + 1 : b], device=device)
+        got = -logp[:-1].gather(-1, targets[:, None])[:, 0].float().cpu().numpy()
+        nll[done:b] = got[done - a - 1 :]
+        done = b
+        if b == len(ids):
+            break
+    return nll
+
+
+def stuffing(tok: Tokenizer, window: str, chunks: list, budget: int) -> list[int]:
+    """The most related chunks of other files, each behind its file header, up to ``budget``
+    tokens, the best last (nearest the window it is read before)."""
+    picked = related_chunks(window, chunks, budget, tokens_of=lambda c: len(c.text) // 3)
+    out: list[int] = []
+    for c in reversed(picked):
+        out += tok.file_header(c.path) + tok.encode(c.text)
+    return out[-budget:]
 
 
 @dataclass
-class Score:
-    bits: float = 0.0
-    tokens: int = 0
-    bytes: int = 0
-
-    @property
-    def bits_per_token(self) -> float:
-        return self.bits / max(1, self.tokens)
-
-    @property
-    def bits_per_byte(self) -> float:
-        return self.bits / max(1, self.bytes)
-
-    def __iadd__(self, other: "Score") -> "Score":
-        self.bits += other.bits
-        self.tokens += other.tokens
-        self.bytes += other.bytes
-        return self
-
-
-@torch.no_grad()
-def score_stream(
-    model: MemorizingTransformer,
-    stream: SegmentStream,
-    capacity: int,
-    *,
-    token_bytes: list[int] | None = None,
-    max_batches: int | None = None,
-) -> Score:
-    """Score every target the stream yields, memorising as it goes (capacity 0 = no memory)."""
-    device = next(model.parameters()).device
-    runner = SegmentRunner(model, stream.pad_id, stream.batch, capacity)
-    score = Score()
-    nbytes = torch.tensor(token_bytes, device=device) if token_bytes is not None else None
-    batches = 0
-    while not stream.exhausted and (max_batches is None or batches < max_batches):
-        out, y = runner(model, stream.next_batch(), with_targets=False)
-        nll = F.cross_entropy(
-            out.logits.float().view(-1, out.logits.shape[-1]), y.view(-1), ignore_index=-1,
-            reduction="sum",
-        )
-        live = y >= 0
-        score += Score(
-            bits=nll.item() / LN2,
-            tokens=int(live.sum()),
-            bytes=int(nbytes[y[live]].sum()) if nbytes is not None else 0,
-        )
-        batches += 1
-    return score
-
-
-def byte_lengths(tok: CodeTokenizer) -> list[int]:
-    """Bytes each token stands for (special tokens: 0), to turn bits/token into bits/byte."""
-    return [len(b) for b in tok.token_bytes] + [0] * (tok.vocab_size - tok.base)
-
-
-def repository_tokens(root: Path, tok: CodeTokenizer, max_tokens: int | None) -> np.ndarray:
-    doc = load_document(root.resolve().name, root, root, seed=0)
-    if not doc.files:
-        raise ValueError(f"{root} holds no Python source files")
-    ids = np.asarray(document_tokens(doc, tok), dtype=np.int64)
-    return ids[:max_tokens] if max_tokens else ids
-
-
-def evaluate_repository(
-    model: MemorizingTransformer,
-    tok: CodeTokenizer,
-    root: Path,
-    memory_sizes: Iterable[int | None],
-    *,
-    manifest: dict | None,
-    max_tokens: int | None = None,
-) -> dict:
-    """Bits per token/byte of one repository streamed as one document, per memory size.
-
-    ``None`` in ``memory_sizes`` means the whole (possibly ``max_tokens``-capped) repository.
-    Refuses a repository the training manifest includes.
-    """
-    if manifest is not None:
-        refuse_trained_on(root, manifest)
-    ids = repository_tokens(root, tok, max_tokens)
-    nbytes = byte_lengths(tok)
-    rows = {}
-    for size in memory_sizes:
-        capacity = len(ids) if size is None else size
-        stream = SegmentStream(ids, [(0, len(ids))], 1, model.cfg.seq_len, pad_id=tok.pad,
-                               shuffle=False, loop=False)
-        s = score_stream(model, stream, capacity, token_bytes=nbytes)
-        rows["all" if size is None else str(size)] = {
-            "bits_per_token": s.bits_per_token,
-            "bits_per_byte": s.bits_per_byte,
-            "tokens": s.tokens,
-        }
-    return {"repository": str(root), "tokens": int(len(ids)), "by_memory": rows}
-
-
-@torch.no_grad()
-def score_ids(
-    model: MemorizingTransformer,
-    ids: list[int],
-    first_target: int,
-    nbytes: list[int],
-    *,
-    stride: int | None = None,
-    memory: Memory | None = None,
-) -> Score:
-    """Score ``ids[first_target:]`` in sliding windows of seq_len, reading ``memory`` if given.
-
-    Every target is scored once, with at least ``seq_len - stride`` tokens of left context
-    beyond the first window (stride: half a segment by default, 256 for 512-token segments): the
-    usual protocol for comparing plain language models.  ``first_target`` skips a file header.
-    """
-    device = next(model.parameters()).device
-    T = model.cfg.seq_len
-    stride = stride or T // 2
-    x_all = torch.tensor(ids, device=device)
-    total = Score()
-    scored_upto = first_target - 1  # absolute position of the last target already scored
-    start = 0
-    while scored_upto < len(ids) - 1:
-        window = x_all[start : start + T + 1]
-        x, y = window[:-1].unsqueeze(0), window[1:].clone()
-        y[: max(0, scored_upto - start)] = -1  # target j sits at position start + 1 + j
-        with autocast(device):
-            logits = model(x, memory=memory).logits[0].float()
-        nll = F.cross_entropy(logits, y, ignore_index=-1, reduction="sum")
-        live = y[y >= 0].tolist()
-        total += Score(nll.item() / LN2, len(live), sum(nbytes[i] for i in live))
-        scored_upto = start + len(window) - 1
-        start += stride
-    return total
+class FileScore:
+    path: str
+    tokens: int
+    cross_tokens: int
+    nats: dict[str, float] = field(default_factory=dict)  # condition -> summed nats, all tokens
+    cross_nats: dict[str, float] = field(default_factory=dict)  # the same on cross-file identifier tokens
 
 
 def evaluate_files(
-    model: MemorizingTransformer, tok: CodeTokenizer, files: list[Path], base: Path, stride: int | None = None
-) -> Score:
-    """Each file alone behind its path header, memory off (see ``score_ids``)."""
-    nbytes = byte_lengths(tok)
-    total = Score()
-    for path in files:
-        header = tok.file_header(path.relative_to(base).as_posix())
-        ids = header + tok.encode(path.read_text(encoding="utf-8"))
-        total += score_ids(model, ids, len(header), nbytes, stride=stride)
-    return total
+    model: MemorizingTransformer,
+    tok: Tokenizer,
+    files: list[SourceFile],
+    memory: TensorMemory,
+    *,
+    control: TensorMemory | None = None,
+    score: Iterable[int] | None = None,
+    conditions: Iterable[str] = CONDITIONS,
+    stuff_tokens: int = STUFF_TOKENS,
+    tick: Callable[[], None] = lambda: None,
+) -> list[FileScore]:
+    """Score ``files[i]`` for ``i`` in ``score`` (default all) under each condition.
+
+    ``memory`` holds the entries of every file of the project (file id = position in ``files``).
+    """
+    conditions = [c for c in conditions if c != "control" or control is not None]
+    stuff_tokens = min(stuff_tokens, model.cfg.max_context - WINDOW)  # the prefix and a window fit
+    defined = [defined_names(f.text) for f in files]
+    chunks = [top_level_chunks(f.path, f.text) for f in files]
+    out = []
+    for i in score if score is not None else range(len(files)):
+        f = files[i]
+        foreign = set().union(*(d for j, d in enumerate(defined) if j != i))
+        cross = cross_file_mask(tok, f, foreign)
+        others = [c for j, cs in enumerate(chunks) if j != i for c in cs]
+        stuffed_prefix: dict[tuple[int, int], list[int]] = {}
+
+        def prefix_of(a: int, b: int) -> list[int]:
+            if (a, b) not in stuffed_prefix:
+                stuffed_prefix[(a, b)] = stuffing(tok, tok.decode(f.ids[max(a, f.first) : b]), others, stuff_tokens)
+            return stuffed_prefix[(a, b)]
+
+        fs = FileScore(f.path, 0, 0)
+        for cond in conditions:
+            if cond == "memory":
+                memory.hide([i])
+                nll = score_file(model, f, memory)
+                memory.hide([])
+            elif cond == "control":
+                nll = score_file(model, f, control)
+            elif cond == "stuffed":
+                nll = score_file(model, f, None, prefix_of=prefix_of)
+            else:
+                nll = score_file(model, f, None)
+            ok = ~np.isnan(nll)
+            fs.tokens, fs.cross_tokens = int(ok.sum()), int((ok & cross).sum())
+            fs.nats[cond] = float(nll[ok].sum())
+            fs.cross_nats[cond] = float(nll[ok & cross].sum())
+            tick()
+        out.append(fs)
+    return out
+
+
+def summarize(scores: list[FileScore]) -> dict:
+    """Bits per token per condition, on all tokens and on cross-file identifier tokens, with the
+    relative changes against ``none`` and the share of the in-prompt gap the memory closes."""
+    tokens = sum(s.tokens for s in scores)
+    cross = sum(s.cross_tokens for s in scores)
+    conds = list(scores[0].nats) if scores else []
+    res: dict = {"files": len(scores), "tokens": tokens, "cross_tokens": cross}
+    for name, total, key in (("all", tokens, "nats"), ("cross", cross, "cross_nats")):
+        bpt = {c: sum(getattr(s, key)[c] for s in scores) / max(1, total) / LN2 for c in conds}
+        part: dict = {"bits_per_token": bpt}
+        if "none" in bpt and bpt["none"]:
+            part["change_vs_none"] = {c: bpt[c] / bpt["none"] - 1 for c in bpt if c != "none"}
+            if "stuffed" in bpt and "memory" in bpt and bpt["none"] != bpt["stuffed"]:
+                part["gap_closed"] = (bpt["none"] - bpt["memory"]) / (bpt["none"] - bpt["stuffed"])
+        res[name] = part
+    return res

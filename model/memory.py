@@ -1,129 +1,127 @@
 """The seam between the memorizing transformer and whatever holds its memory.
 
-The kNN-augmented layer only ever asks one question: "for these queries, which stored
-(key, value) pairs score highest, and what are they?"  ``Memory`` is that question as a
-protocol.  During training the answer comes from ``TensorMemory`` (one ring buffer per batch
-slot, searched exactly by a matrix product on the accelerator); in the product it comes from the
+A memory head only ever asks one question: "for these queries, which stored (key, value) pairs
+of my key/value head score highest, what are they, and which tokens were they?"  ``Memory`` is
+that question as a protocol.  In training and evaluation the answer comes from ``TensorMemory``
+(entries in tensors, searched exactly by a matrix product); in the product it comes from the
 persistent per-project store.  The model never knows which.
 
-Shapes: queries are ``(B, H, T, D)`` with ``H`` query heads; a memory stores ``Hkv`` key/value
-heads (1 for the compact shared head), and query head ``h`` searches key head ``h // (H // Hkv)``.
+Shapes: ``slot`` names one stored key/value head (an index into ``cfg.memory_kv_heads``);
+queries are ``(B, G, T, D)`` for the G memory heads that share it.  Layers are searched one
+after the other, since a layer's queries exist only once the layers below have run.
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple, Protocol
 
+import faiss
 import torch
 from torch import Tensor
 
 
 class Retrieved(NamedTuple):
-    """Top-k memories for every query: keys/values ``(B, H, T, k, D)``, mask ``(B, H, T, k)``.
+    """Top-k entries per query: keys/values ``(B, G, T, k, D)``, mask and tokens ``(B, G, T, k)``.
 
-    ``mask`` is False where fewer than k entries exist (an empty or young memory); those slots
-    carry arbitrary keys and must get zero attention weight.
+    ``mask`` is False where fewer than k entries exist; those carry arbitrary numbers and get no
+    attention.  ``source`` ``(B, G, T, k)`` int64 is the memory's own id of each hit (-1: none),
+    passed through untouched so a completion can say where its evidence came from (the product's
+    store packs file and byte offset into it).
     """
 
     keys: Tensor
     values: Tensor
     mask: Tensor
+    tokens: Tensor
+    source: Tensor
 
 
 class Memory(Protocol):
-    """Anything that can answer a batched top-k query with stored (key, value) pairs."""
-
-    def search(self, queries: Tensor, k: int) -> Retrieved:
-        """Return the k best entries by inner product for each query (no gradient)."""
+    def search(self, slot: int, queries: Tensor, k: int) -> Retrieved:
+        """The k best entries of key/value head ``slot`` by inner product, per query (no gradient)."""
         ...
 
 
 class TensorMemory:
-    """Per-slot ring buffers of memory entries, searched exactly on the device.
+    """Entries held in tensors, searched exactly; entries of hidden files are left out.
 
-    Why this shape: each training batch slot streams its own document, so each needs its own
-    memory, cleared when a new document starts.  All slots write the same number of tokens per
-    step, so one shared write pointer serves every slot and every operation is a batched tensor
-    op: no Python loop over slots, which is what made earlier memorizing implementations slow.
-    A validity mask (rather than per-slot counters) covers resets and padding alike.
+    Why a file id per entry and a hidden set: evaluation and training score a file against the
+    memory of the rest of its repository, one file after the other, without rebuilding it.
     """
 
-    def __init__(
-        self,
-        batch: int,
-        capacity: int,
-        kv_heads: int,
-        head_dim: int,
-        *,
-        device: torch.device | str = "cpu",
-        dtype: torch.dtype = torch.float32,
-        chunk_elements: int = 1 << 26,
-    ) -> None:
-        if capacity <= 0:
-            raise ValueError(f"memory capacity must be positive, got {capacity}")
-        self.capacity = capacity
-        self.keys = torch.zeros(batch, kv_heads, capacity, head_dim, device=device, dtype=dtype)
-        self.values = torch.zeros_like(self.keys)
-        self.valid = torch.zeros(batch, capacity, device=device, dtype=torch.bool)
-        self.ptr = 0
-        # Bounds the (queries x capacity) score matrix held at once during search.
-        self.chunk_elements = chunk_elements
+    def __init__(self, keys: Tensor, values: Tensor, tokens: Tensor, files: Tensor | None = None) -> None:
+        """``keys``/``values`` ``(S, N, D)``, ``tokens`` ``(N,)``, ``files`` ``(N,)`` file ids."""
+        if keys.shape != values.shape or keys.dim() != 3 or tokens.shape != keys.shape[1:2]:
+            raise ValueError(f"entries must be (S, N, D) keys and values and (N,) tokens; got "
+                             f"{tuple(keys.shape)}, {tuple(values.shape)}, {tuple(tokens.shape)}")
+        self.keys, self.values, self.tokens = keys, values, tokens.long()
+        self.files = files if files is not None else torch.zeros(keys.shape[1], dtype=torch.long)
+        self.hidden: Tensor | None = None  # (N,) True where left out
+        self._f32: list | None = None
+        self._keep: Tensor | None = None
 
-    @property
-    def size(self) -> Tensor:
-        """Number of live entries per slot."""
-        return self.valid.sum(dim=1)
+    def __len__(self) -> int:
+        return self.keys.shape[1]
 
-    def reset(self, slots: Tensor | None = None) -> None:
-        """Forget everything in the given slots (bool mask ``(B,)``), or in all slots."""
-        if slots is None:
-            self.valid.zero_()
+    def hide(self, file_ids: list[int]) -> None:
+        """Leave these files' entries out of later searches (``[]``: none)."""
+        self.hidden = torch.isin(self.files, torch.tensor(file_ids, dtype=self.files.dtype)) if file_ids else None
+        self._keep = None
+
+    @torch.no_grad()
+    def search(self, slot: int, queries: Tensor, k: int) -> Retrieved:
+        B, G, T, D = queries.shape
+        keys = self.keys[slot]
+        n = keys.shape[0]
+        q = queries.detach().reshape(-1, D)
+        if keys.device.type == "cpu" and n:
+            # faiss's blocked exact search: far faster on a CPU than a full score matrix + topk
+            # (and it never holds that matrix); hidden entries are left out of the searched set.
+            if self.hidden is not None and not len(self._kept()):
+                idx = torch.zeros((q.shape[0], 0), dtype=torch.long)  # everything is hidden
+            elif self.hidden is not None:
+                keep = self._kept()
+                sub = self._float_keys(slot)[keep.numpy()]
+                scores, idx = faiss.knn(q.float().numpy(), sub, min(k, len(sub)), metric=faiss.METRIC_INNER_PRODUCT)
+                idx = torch.from_numpy(idx)
+                idx = torch.where(idx >= 0, keep[idx.clamp(min=0)], -1)
+            else:
+                scores, idx = faiss.knn(q.float().numpy(), self._float_keys(slot), min(k, n),
+                                        metric=faiss.METRIC_INNER_PRODUCT)
+                idx = torch.from_numpy(idx)
         else:
-            self.valid.masked_fill_(slots.to(self.valid.device, torch.bool)[:, None], False)
+            scores = q.to(keys.dtype) @ keys.T
+            if self.hidden is not None:
+                scores.masked_fill_(self.hidden.to(scores.device), float("-inf"))
+            best, idx = scores.float().topk(min(k, n), dim=-1)
+            idx = idx.masked_fill(~torch.isfinite(best), -1)
+        if idx.shape[1] < k:  # fewer entries than k: pad with empty hits
+            idx = torch.cat((idx, torch.full((idx.shape[0], k - idx.shape[1]), -1, dtype=idx.dtype)), 1)
+        idx = idx[:, :k].to(keys.device)
+        ok = idx >= 0
+        safe = idx.clamp(min=0)
+        shape = (B, G, T, k)
+        if n == 0:
+            zeros = torch.zeros(*shape, D, dtype=queries.dtype)
+            return Retrieved(zeros, zeros, ok.view(shape), torch.full(shape, -1), torch.full(shape, -1))
+        return Retrieved(
+            keys[safe].view(*shape, D),
+            self.values[slot][safe].view(*shape, D),
+            ok.view(shape),
+            torch.where(ok, self.tokens[safe], -1).view(shape),
+            idx.view(shape),
+        )
 
-    @torch.no_grad()
-    def add(self, keys: Tensor, values: Tensor, valid: Tensor | None = None) -> None:
-        """Append ``(B, Hkv, n, D)`` entries; the oldest are overwritten once full.
+    def _kept(self) -> Tensor:
+        """Indices of the entries not hidden (cached until ``hide`` changes)."""
+        if self._keep is None:
+            self._keep = torch.nonzero(~self.hidden).flatten()
+        return self._keep
 
-        ``valid`` ``(B, n)`` marks which positions are real tokens (padding is not memorised).
-        """
-        n = keys.shape[2]
-        if n > self.capacity:  # only the newest `capacity` entries can survive anyway
-            keys, values = keys[:, :, -self.capacity :], values[:, :, -self.capacity :]
-            valid = None if valid is None else valid[:, -self.capacity :]
-            n = self.capacity
-        pos = (self.ptr + torch.arange(n, device=self.keys.device)) % self.capacity
-        self.keys.index_copy_(2, pos, keys.to(self.keys.dtype))
-        self.values.index_copy_(2, pos, values.to(self.values.dtype))
-        flags = torch.ones(keys.shape[0], n, dtype=torch.bool, device=self.valid.device)
-        if valid is not None:
-            flags = valid.to(self.valid.device, torch.bool)
-        self.valid[:, pos] = flags
-        self.ptr = (self.ptr + n) % self.capacity
-
-    @torch.no_grad()
-    def search(self, queries: Tensor, k: int) -> Retrieved:
-        B, H, T, D = queries.shape
-        Hkv, M = self.keys.shape[1], self.capacity
-        k = min(k, M)
-        group = H // Hkv
-        # (B, Hkv, group*T, D): all query heads sharing a key head form one matmul.
-        q = queries.to(self.keys.dtype).reshape(B, Hkv, group * T, D)
-        dead = ~self.valid[:, None, None, :]  # (B, 1, 1, M)
-        rows = max(1, self.chunk_elements // max(1, B * Hkv * M))
-        top_idx = []
-        top_ok = []
-        for start in range(0, group * T, rows):
-            scores = q[:, :, start : start + rows] @ self.keys.transpose(-1, -2)
-            scores = scores.float().masked_fill_(dead, float("-inf"))
-            best, idx = scores.topk(k, dim=-1)
-            top_idx.append(idx)
-            top_ok.append(torch.isfinite(best))
-        idx = torch.cat(top_idx, dim=2)  # (B, Hkv, group*T, k)
-        ok = torch.cat(top_ok, dim=2)
-        # Gather rows from the flattened store: offset each (slot, head) block by its base row.
-        base = (torch.arange(B * Hkv, device=idx.device) * M).view(B, Hkv, 1, 1)
-        flat = (idx + base).reshape(-1)
-        keys = self.keys.reshape(-1, D).index_select(0, flat).view(B, H, T, k, D)
-        values = self.values.reshape(-1, D).index_select(0, flat).view(B, H, T, k, D)
-        return Retrieved(keys, values, ok.view(B, H, T, k))
+    def _float_keys(self, slot: int):
+        """The slot's keys as a contiguous float32 array (cached: faiss reads float32)."""
+        if self._f32 is None:
+            self._f32 = [None] * self.keys.shape[0]
+        if self._f32[slot] is None:
+            self._f32[slot] = self.keys[slot].float().contiguous().numpy()
+        return self._f32[slot]

@@ -1,245 +1,216 @@
-"""The memorizing transformer (Wu et al., ICLR 2022) for code, in one file of plain PyTorch.
+"""The memorizing transformer (Wu et al., ICLR 2022) on a pretrained Llama-family base, in one file.
 
-A decoder-only transformer with pre-norm blocks and rotary positions.  One block, at about 3/4
-depth, is kNN-augmented: besides causal attention over the segment (and the cached previous
-segment), each of its query heads retrieves the top-k (key, value) pairs from an external memory
-and attends to them with a separate softmax; a learned per-head gate mixes the two results.
+The base is an ordinary decoder-only Llama (RMSNorm, rotary positions, grouped key/value heads,
+SwiGLU), loaded frozen from a converted checkpoint (``base.py``).  A few of its attention heads,
+chosen by measurement (``heads.py``: induction heads), become **memory heads**: besides causal
+attention over the prompt, each retrieves the top-k (key, value) pairs of its key/value head
+from an external memory (the rest of the project) and attends to them in the same softmax.
 
 Choices and why:
-- The memory stores exactly the keys and values that the memory layer uses for local attention.
-  A separate projection used only for memory would never receive a gradient (nothing flows into
-  the memory), so it could not learn.  To keep an entry compact the memory layer uses grouped
-  key/value heads (``mem_kv_heads``; 1 by default, i.e. one shared head): 64-dim key + value in
-  fp16 is 256 bytes per token, against 2 KiB for eight per-head pairs.
-- Queries and keys of the memory layer are L2-normalised with learned per-head scales (one for
-  local attention, one for memory attention), so keys written by older parameters stay on the
-  same scale as fresh queries.
-- Memory keys carry no position, and the memory layer's local attention gets position only from
-  an ALiBi-style distance bias (the paper uses T5's relative bias there), not from rotary
-  embeddings.  Why: with rotary embeddings the layer learned to copy locally by matching
-  *rotated* queries and keys, a match tied to relative offsets that did not carry over to the
-  position-free memory (the right entry ranked 355th of 992 on average, measured on the
-  synthetic corpus of tests/synthetic.py); with content-only queries and keys it ranked 82nd
-  after the same training, and the match carries over.
-- Transformer-XL cache: every layer may attend to the previous segment's keys and values (no
-  gradient).  A reset flag per batch slot masks the cache out where a new document starts.
-- Keys and values of the memory layer depend only on the layers below it, which never read the
-  memory; ``encode`` runs just those layers, which is all the indexer needs.
+- **Memory entries are the base's own keys and values**, taken before the rotary embedding.
+  They depend only on the frozen layers below, so encoding a project needs no memory lookups
+  and no trained parameter: retraining the memory heads never invalidates a stored memory.
+- **Retrieved entries sit at a fixed distance.**  A memory key has no position; the query is
+  rotated as if every entry were ``mem_distance`` tokens back (InfLLM places retrieved blocks
+  the same way), which keeps the head's learned rotary geometry intact.
+- **One softmax over local and memory logits**, with a learned per-head bias on the memory
+  logits (initial -2): a training-free joint softmax already helps on cross-file identifiers;
+  the bias lets a head decide how far to trust entries it cannot see the surroundings of.
+- **A low-rank adapter on the memory part of the query** (``q + B·A·x``), the only other trained
+  parameters: context-to-memory distillation (``train.py``) teaches the heads to find in the
+  memory what they would have found with the defining code in the prompt.
+- **kNN copy.**  Entries remember their token.  The memory attention of the memory heads,
+  summed per token id, is a distribution over tokens that appeared after matching contexts
+  elsewhere in the project (kNN-LM's idea, on induction heads, whose keys encode the previous
+  token); a learned gate mixes it into the next-token distribution, so exact names can be
+  copied rather than re-spelled.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .memory import Memory
+from .memory import Memory, Retrieved
+
+ARCH_FIELDS = ("vocab_size", "n_layer", "d_model", "n_head", "n_kv_head", "d_ff", "rope_theta",
+               "norm_eps", "max_context", "tie_embeddings", "qkv_bias")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    vocab_size: int = 16384
-    n_layer: int = 6
-    n_head: int = 4
-    d_model: int = 256
-    seq_len: int = 512  # segment length: tokens per forward pass
-    mem_layer: int = -1  # index of the kNN-augmented block; -1 picks about 3/4 depth
-    mem_kv_heads: int = 1  # key/value heads of the memory layer (1 = compact shared memory)
+    # the base (defaults: SmolLM2-135M)
+    vocab_size: int = 49152
+    n_layer: int = 30
+    d_model: int = 576
+    n_head: int = 9
+    n_kv_head: int = 3
+    d_ff: int = 1536
+    rope_theta: float = 100000.0
+    norm_eps: float = 1e-5
+    max_context: int = 8192
+    tie_embeddings: bool = True
+    qkv_bias: bool = False
+    # the memory
+    memory_heads: tuple[tuple[int, int], ...] = ()  # (layer, query head) pairs that read the memory
     knn_k: int = 32
-    xl_cache: bool = True
-    rope_base: float = 10000.0
+    mem_distance: int = 512  # retrieved entries are read as if this many tokens back
+    adapter_rank: int = 8
+    mem_bias_init: float = -2.0
 
     def __post_init__(self) -> None:
-        if self.d_model % self.n_head:
-            raise ValueError("d_model must be a multiple of n_head")
-        if self.n_head % self.mem_kv_heads:
-            raise ValueError("n_head must be a multiple of mem_kv_heads")
-        if not 0 <= self.memory_layer < self.n_layer:
-            raise ValueError(f"mem_layer {self.mem_layer} outside 0..{self.n_layer - 1}")
+        if self.d_model % self.n_head or self.n_head % self.n_kv_head:
+            raise ValueError("d_model must divide into n_head heads, and n_head into n_kv_head groups")
+        object.__setattr__(self, "memory_heads", tuple(sorted((int(a), int(b)) for a, b in self.memory_heads)))
+        for layer, head in self.memory_heads:
+            if not (0 <= layer < self.n_layer and 0 <= head < self.n_head):
+                raise ValueError(f"memory head L{layer}H{head} outside {self.n_layer} layers × {self.n_head} heads")
 
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_head
 
     @property
-    def memory_layer(self) -> int:
-        """The paper puts memory at layer 9 of 12; we keep that ratio for other depths."""
-        return self.mem_layer if self.mem_layer >= 0 else max(0, 3 * self.n_layer // 4 - 1)
+    def group(self) -> int:
+        """Query heads per key/value head."""
+        return self.n_head // self.n_kv_head
+
+    @property
+    def memory_kv_heads(self) -> tuple[tuple[int, int], ...]:
+        """(layer, key/value head) pairs whose entries the memory stores, in storage order."""
+        return tuple(sorted({(layer, head // self.group) for layer, head in self.memory_heads}))
+
+    @property
+    def encode_layers(self) -> int:
+        """Blocks that run to encode memory entries: up to the last memory layer, inclusive."""
+        return max((layer for layer, _ in self.memory_heads), default=-1) + 1
 
     @property
     def bytes_per_memory_token(self) -> int:
-        """Stored size of one token's memory entry (key + value, fp16)."""
-        return 2 * self.mem_kv_heads * self.head_dim * 2
+        """Stored size of one token's entries: int8 key and value with an fp16 scale each, per
+        memory key/value head, plus the token id and byte offset."""
+        return len(self.memory_kv_heads) * 2 * (self.head_dim + 2) + 8
+
+    def arch_dict(self) -> dict:
+        return {k: getattr(self, k) for k in ARCH_FIELDS}
+
+    def memory_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ARCH_FIELDS}
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "ModelConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
+    def from_arch(cls, arch: dict, **memory) -> ModelConfig:
+        unknown = set(arch) - set(ARCH_FIELDS)
         if unknown:
-            raise ValueError(f"unknown model config fields: {sorted(unknown)}")
-        return cls(**data)
+            raise ValueError(f"unknown architecture fields: {sorted(unknown)}")
+        return cls(**arch, **memory)
+
+    def with_memory(self, **memory) -> ModelConfig:
+        return replace(self, **memory)
 
 
 class KV(NamedTuple):
-    """Keys and values of one layer for one segment, before any rotary embedding: ``(B, Hkv, T, D)``."""
+    """Keys (rotated) and values of one layer for the tokens read so far: ``(B, Hkv, T, D)``."""
 
     keys: Tensor
     values: Tensor
 
 
+class Entries(NamedTuple):
+    """Memory entries of a text: per memory key/value head, keys (not rotated) and values,
+    ``(B, S, T, D)`` with S = ``len(cfg.memory_kv_heads)``."""
+
+    keys: Tensor
+    values: Tensor
+
+
+class Read(NamedTuple):
+    """What one memory head read: its retrieved entries and the attention they got.
+
+    ``weights`` ``(B, T, k)`` are shares of the head's whole softmax (local + memory), so a
+    row sums to the fraction of attention that went to the memory.  Provenance and the kNN copy
+    are both computed from these.
+    """
+
+    head: int  # index into cfg.memory_heads
+    weights: Tensor
+    got: Retrieved
+
+
 class Output(NamedTuple):
-    logits: Tensor
-    loss: Tensor | None
-    cache: list[KV] | None  # this segment's keys/values per layer, for the next segment
-    entries: KV  # the memory layer's entries for this segment (normalised keys, values)
+    logits: Tensor  # (B, T, V) log-probabilities (or the last position only: (B, 1, V))
+    kv: list[KV]  # every layer's keys/values: the past for the next call
+    reads: list[Read]  # memory reads, in memory-head order (empty without memory)
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 def rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate pairs of channels (first half with second half) by position-dependent angles."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    """Rotate channel pairs (i, i + D/2) by position-dependent angles (the Hugging Face layout)."""
+    return x * cos + rotate_half(x) * sin
 
 
 class Attention(nn.Module):
-    """Causal self-attention over [cached previous segment; current segment].
-
-    The memory layer's variant normalises queries and keys, uses ``mem_kv_heads`` key/value
-    heads, and adds gated attention over retrieved memories.
-    """
-
-    def __init__(self, cfg: ModelConfig, memory: bool) -> None:
+    def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.cfg = cfg
-        self.is_memory = memory
-        self.n_head = cfg.n_head
-        self.kv_heads = cfg.mem_kv_heads if memory else cfg.n_head
         hd = cfg.head_dim
-        self.q_proj = nn.Linear(cfg.d_model, cfg.n_head * hd, bias=False)
-        self.kv_proj = nn.Linear(cfg.d_model, 2 * self.kv_heads * hd, bias=False)
-        self.out_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
-        if memory:
-            # log of the per-head temperatures applied to cosine similarities, one for local
-            # attention and one for memory attention (see mix_memory for why two).
-            self.log_scale = nn.Parameter(torch.full((cfg.n_head,), math.log(math.sqrt(hd) * 2)))
-            self.mem_log_scale = nn.Parameter(torch.full((cfg.n_head,), math.log(math.sqrt(hd) * 2)))
-            # g = sigmoid(gate) mixes memory and local attention; 0 starts at an even mix.
-            self.gate = nn.Parameter(torch.zeros(cfg.n_head))
-            # ALiBi's geometric slopes: each head has its own reach into the local past.
-            slopes = 2.0 ** (-8.0 * torch.arange(1, cfg.n_head + 1) / cfg.n_head)
-            self.register_buffer("slopes", slopes, persistent=False)
+        self.cfg = cfg
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_head * hd, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * hd, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * hd, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_head * hd, cfg.d_model, bias=False)
 
-    def project_kv(self, x: Tensor) -> KV:
-        """Keys and values of ``x`` ``(B, T, C)`` as ``(B, Hkv, T, D)``; normalised keys here."""
+    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries ``(B, H, T, D)``, keys and values ``(B, Hkv, T, D)``, before rotation."""
         B, T, _ = x.shape
-        k, v = self.kv_proj(x).view(B, T, 2, self.kv_heads, -1).permute(2, 0, 3, 1, 4)
-        if self.is_memory:
-            k = F.normalize(k, dim=-1)
-        return KV(k, v)
-
-    def forward(
-        self,
-        x: Tensor,
-        rope: tuple[Tensor, Tensor],
-        cache: KV | None,
-        keep_cache: Tensor | None,
-        memory: Memory | None,
-        whole: bool = False,
-    ) -> tuple[Tensor, KV]:
-        """Returns the output and this segment's keys/values (``whole``: with the cache's before them)."""
-        B, T, C = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, -1).transpose(1, 2)
-        kv = self.project_kv(x)
-        k, v = kv
-        if cache is not None:
-            k = torch.cat((cache.keys.to(k.dtype), k), dim=2)
-            v = torch.cat((cache.values.to(v.dtype), v), dim=2)
-        past = k.shape[2] - T
-        mask = None
-        if past:
-            causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-            prev = keep_cache.view(B, 1, 1, 1).expand(B, 1, T, past)
-            mask = torch.cat((prev, causal.expand(B, 1, T, T)), dim=-1)
-        if self.is_memory:
-            q = F.normalize(q, dim=-1)
-            scale = self.log_scale.exp().view(1, -1, 1, 1).to(q.dtype)
-            local = F.scaled_dot_product_attention(
-                q * scale, k, v, attn_mask=self.distance_bias(T, past, mask, q.dtype), scale=1.0,
-                enable_gqa=self.kv_heads != self.n_head,
-            )
-        else:
-            cos, sin = rope
-            local = F.scaled_dot_product_attention(
-                rotary(q, cos[past:], sin[past:]), rotary(k, cos, sin), v,
-                attn_mask=mask, is_causal=mask is None,
-            )
-        if self.is_memory and memory is not None:
-            local = self.mix_memory(q, local, memory)
-        y = local.transpose(1, 2).reshape(B, T, C)
-        return self.out_proj(y), KV(k, v) if whole else kv
-
-    def distance_bias(self, T: int, past: int, mask: Tensor | None, dtype: torch.dtype) -> Tensor:
-        """ALiBi-style additive bias: -slope_h * distance, -inf where attention is not allowed.
-
-        Position enters the memory layer's local attention only through this bias, never through
-        the queries and keys, so the content match it learns locally is the same match that
-        finds position-free entries in the memory.
-        """
-        device = self.slopes.device
-        dist = (torch.arange(T, device=device) + past)[:, None] - torch.arange(past + T, device=device)
-        bias = -self.slopes.view(-1, 1, 1) * dist.clamp(min=0).to(self.slopes.dtype)  # (H, T, past+T)
-        allowed = dist >= 0 if mask is None else mask  # causal, and the cache only where kept
-        return bias.to(dtype).masked_fill(~allowed, float("-inf"))
-
-    def mix_memory(self, q: Tensor, local: Tensor, memory: Memory) -> Tensor:
-        """Gated attention over the top-k retrieved memories (position-free, no gradient in).
-
-        The memory softmax has its own temperature.  With one temperature shared with local
-        attention, early (still unhelpful) retrievals pushed it down, which blurred local
-        attention too and left memory attention too flat to ever become useful.
-        """
-        got = memory.search(q.detach(), self.cfg.knn_k)
-        scale = self.mem_log_scale.exp().view(1, -1, 1, 1)
-        mk = got.keys.to(q.dtype)
-        mv = got.values.to(q.dtype)
-        logits = torch.einsum("bhtd,bhtkd->bhtk", q, mk) * scale.to(q.dtype)
-        logits = logits.masked_fill(~got.mask, float("-inf"))
-        weights = torch.softmax(logits.float(), dim=-1).nan_to_num(0.0).to(q.dtype)
-        mem = torch.einsum("bhtk,bhtkd->bhtd", weights, mv)
-        # Where nothing was retrieved (empty memory) local attention stands alone.
-        g = torch.sigmoid(self.gate).view(1, -1, 1, 1).to(q.dtype) * got.mask.any(-1, keepdim=True)
-        return g * mem + (1 - g) * local
+        q = self.q_proj(x).view(B, T, self.cfg.n_head, -1).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.cfg.n_kv_head, -1).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.cfg.n_kv_head, -1).transpose(1, 2)
+        return q, k, v
 
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.up = nn.Linear(cfg.d_model, 4 * cfg.d_model, bias=False)
-        self.down = nn.Linear(4 * cfg.d_model, cfg.d_model, bias=False)
+        self.gate = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.up = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down(F.gelu(self.up(x)))
+        return self.down(F.silu(self.gate(x)) * self.up(x))
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, memory: bool) -> None:
+    def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.ln1 = nn.RMSNorm(cfg.d_model)
-        self.attn = Attention(cfg, memory)
-        self.ln2 = nn.RMSNorm(cfg.d_model)
+        self.ln1 = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.ln2 = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, rope, cache, keep_cache, memory, whole=False) -> tuple[Tensor, KV]:
-        a, kv = self.attn(self.ln1(x), rope, cache, keep_cache, memory, whole)
-        x = x + a
-        return x + self.mlp(self.ln2(x)), kv
+
+class MemoryParams(nn.Module):
+    """The trained part: per memory head a logit bias and a low-rank query adapter; the copy gate."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        n, r = len(cfg.memory_heads), cfg.adapter_rank
+        self.bias = nn.Parameter(torch.full((n,), cfg.mem_bias_init))
+        self.down = nn.Parameter(torch.randn(n, cfg.d_model, r) / math.sqrt(cfg.d_model)) if r else None
+        self.up = nn.Parameter(torch.zeros(n, r, cfg.head_dim)) if r else None  # starts as no change
+        # kNN copy: p = (1 - g) p_model + g p_copy with g = sigmoid(copy_gate) * memory share;
+        # -4 starts it practically off, so an untrained model is the base plus memory attention.
+        self.copy_gate = nn.Parameter(torch.tensor(-4.0))
 
 
 class MemorizingTransformer(nn.Module):
@@ -247,118 +218,210 @@ class MemorizingTransformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.blocks = nn.ModuleList(
-            Block(cfg, memory=i == cfg.memory_layer) for i in range(cfg.n_layer)
-        )
-        self.ln_f = nn.RMSNorm(cfg.d_model)
-        self.apply(self._init)
-        for name, p in self.named_parameters():
-            if name.endswith(("out_proj.weight", "down.weight")):  # GPT-2 residual scaling
-                nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layer))
-        inv = 1.0 / cfg.rope_base ** (torch.arange(0, cfg.head_dim, 2).float() / cfg.head_dim)
-        angles = torch.outer(torch.arange(2 * cfg.seq_len).float(), inv)
-        self.register_buffer("rope_cos", angles.cos(), persistent=False)
-        self.register_buffer("rope_sin", angles.sin(), persistent=False)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.memory = MemoryParams(cfg)
+        # per layer: [(memory head index, query head, storage slot of its key/value head)]
+        slots = {kv: s for s, kv in enumerate(cfg.memory_kv_heads)}
+        self._mem_at: dict[int, list[tuple[int, int, int]]] = {}
+        for m, (layer, head) in enumerate(cfg.memory_heads):
+            self._mem_at.setdefault(layer, []).append((m, head, slots[(layer, head // cfg.group)]))
+        # Attention (and rotary) precision; None: that of the activations.  CPU inference runs
+        # its linear layers in bfloat16 but attention in float32, which is both more precise and,
+        # for one query at a time, faster there (runtime.py).
+        self.attention_dtype: torch.dtype | None = None
+        self._rope_len = 0
+        self.register_buffer("rope_cos", torch.zeros(0), persistent=False)
+        self.register_buffer("rope_sin", torch.zeros(0), persistent=False)
 
-    @staticmethod
-    def _init(m: nn.Module) -> None:
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, std=0.02)
+    def num_params(self, trained_only: bool = False) -> int:
+        """Parameters in all, or only those of the memory heads (what this project trains)."""
+        params = self.memory.parameters() if trained_only else self.parameters()
+        return sum(p.numel() for p in params)
 
-    @property
-    def memory_attention(self) -> Attention:
-        return self.blocks[self.cfg.memory_layer].attn
+    def output(self, h: Tensor) -> Tensor:
+        """Next-token logits from final hidden states (the tied embedding unless the base has a head)."""
+        if self.lm_head is not None:
+            return self.lm_head(h)
+        return h @ self.embed.weight.t().to(h.dtype)
 
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+    # ------------------------------------------------------------------ rotary tables
 
-    def _rope(self, total: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        if total > self.rope_cos.shape[0]:
-            raise ValueError(f"context of {total} tokens exceeds 2 x seq_len")
-        return self.rope_cos[:total].to(dtype), self.rope_sin[:total].to(dtype)
+    def _angles(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        cfg = self.cfg
+        inv = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, device=positions.device).double() / cfg.head_dim)
+        ang = positions.double()[:, None] * inv[None]
+        ang = torch.cat((ang, ang), dim=-1)
+        return ang.cos().float(), ang.sin().float()
 
-    def _run(
-        self,
-        idx: Tensor,
-        upto: int,
-        cache: list[KV] | None,
-        reset: Tensor | None,
-        memory: Memory | None,
-        whole: bool = False,
-    ) -> tuple[Tensor, list[KV]]:
-        """Run blocks ``0..upto-1``; returns the hidden state and each block's new KV (``whole``:
-        the cache's KV followed by the new)."""
-        B, T = idx.shape
-        if T > self.cfg.seq_len:
-            raise ValueError(f"segment of {T} tokens exceeds seq_len {self.cfg.seq_len}")
-        use_cache = cache is not None
-        past = cache[0].keys.shape[2] if use_cache else 0
-        keep = None
-        if use_cache:
-            keep = torch.ones(B, dtype=torch.bool, device=idx.device)
-            if reset is not None:
-                keep = ~reset.to(idx.device, torch.bool)
-        x = self.embed(idx)
-        rope = self._rope(past + T, x.dtype)
-        new: list[KV] = []
-        for i in range(upto):
-            x, kv = self.blocks[i](x, rope, cache[i] if use_cache else None, keep, memory, whole)
-            new.append(KV(kv.keys.detach(), kv.values.detach()))
-        return x, new
+    def _rope(self, start: int, T: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        end = start + T
+        if end > self.cfg.max_context:
+            raise ValueError(f"context of {end} tokens exceeds the base's {self.cfg.max_context}")
+        if end > self._rope_len:
+            n = min(self.cfg.max_context, max(end, 2 * self._rope_len, 1024))
+            self.rope_cos, self.rope_sin = self._angles(torch.arange(n, device=self.embed.weight.device))
+            self._rope_len = n
+        return self.rope_cos[start:end].to(dtype), self.rope_sin[start:end].to(dtype)
+
+    # ------------------------------------------------------------------ the forward pass
 
     def forward(
         self,
         idx: Tensor,
-        targets: Tensor | None = None,
         *,
+        past: list[KV] | None = None,
         memory: Memory | None = None,
-        cache: list[KV] | None = None,
-        reset: Tensor | None = None,
+        last_only: bool = False,
+        copy: bool = True,
+        hidden: Tensor | None = None,
+        from_layer: int = 0,
     ) -> Output:
-        """One segment.  ``targets`` use -1 for positions without loss.
+        """Read ``idx`` ``(B, T)`` after ``past`` (every layer's keys/values of earlier tokens).
 
-        ``cache`` is the previous segment's ``Output.cache``; ``reset`` (B,) marks slots whose
-        document starts in this segment, so their cache is ignored.  ``memory`` is searched by
-        the memory layer; adding this segment's ``Output.entries`` to it is the caller's job,
-        after the step, so a segment never retrieves itself.
+        Returns next-token log-probabilities, the keys/values of the layers that ran (``past``
+        extended) and the memory reads.  ``last_only``: only the last position's distribution
+        (incremental decoding).  ``copy``: mix the kNN copy distribution in (with a memory).
+        ``hidden``/``from_layer``: start from the input of block ``from_layer`` (what
+        ``hidden_at`` returned), which training uses to skip the frozen layers below the memory.
         """
-        x, new = self._run(idx, self.cfg.n_layer, cache if self.cfg.xl_cache else None, reset, memory)
-        x = self.ln_f(x)
-        logits = x @ self.embed.weight.t()  # tied input/output embedding
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(
-                logits.float().view(-1, logits.shape[-1]), targets.view(-1), ignore_index=-1
-            )
-        return Output(logits, loss, new if self.cfg.xl_cache else None, new[self.cfg.memory_layer])
+        x = self.embed(idx) if hidden is None else hidden
+        x, kv, reads = self._run(x, from_layer, self.cfg.n_layer, past, memory)
+        h = self.norm(x[:, -1:] if last_only else x)
+        logp = torch.log_softmax(self.output(h).float(), dim=-1)
+        if copy and reads:
+            logp = self.mix_copy(logp, reads, last_only)
+        return Output(logp, kv, reads)
 
     @torch.no_grad()
-    def encode(
-        self, idx: Tensor, cache: list[KV] | None = None, reset: Tensor | None = None
-    ) -> tuple[KV, list[KV] | None]:
-        """Memory entries for a segment, running only the blocks below the memory layer.
+    def hidden_at(self, idx: Tensor, layer: int) -> Tensor:
+        """The input of block ``layer`` for ``idx`` read from the start (no memory below it)."""
+        return self._run(self.embed(idx), 0, layer, None, None)[0]
 
-        Returns the memory layer's (normalised key, value) per token ``(B, Hkv, T, D)`` and
-        the XL cache of the lower blocks for encoding the next segment of the same text.
+    def _run(self, x: Tensor, first: int, upto: int, past: list[KV] | None, memory: Memory | None,
+             ) -> tuple[Tensor, list[KV], list[Read]]:
+        """Blocks ``first..upto-1`` on ``x``; ``past[i]`` belongs to block ``first + i``."""
+        B, T, _ = x.shape
+        start = past[0].keys.shape[2] if past else 0
+        ad = self.attention_dtype or x.dtype
+        cos, sin = self._rope(start, T, ad)
+        mask = self._mask(T, start, x.device) if start and T > 1 else None
+        new: list[KV] = []
+        reads: list[Read] = []
+        for n, i in enumerate(range(first, upto)):
+            block = self.blocks[i]
+            h = block.ln1(x)
+            q0, k, v = (t.to(ad) for t in block.attn.project(h))
+            q, k = rotary(q0, cos, sin), rotary(k, cos, sin)
+            if past:
+                k = torch.cat((past[n].keys.to(ad), k), dim=2)
+                v = torch.cat((past[n].values.to(ad), v), dim=2)
+            new.append(KV(k, v))
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=start == 0 and T > 1, attn_mask=mask,
+                                               enable_gqa=self.cfg.group > 1)
+            if memory is not None and i in self._mem_at:
+                a = self._memory_heads(i, a, q, q0, k, v, h.to(ad), start, memory, reads)
+            x = x + block.attn.o_proj(a.transpose(1, 2).reshape(B, T, -1)).to(x.dtype)
+            x = x + block.mlp(block.ln2(x)).to(x.dtype)
+        return x, new, reads
+
+    @staticmethod
+    def _mask(T: int, start: int, device: torch.device) -> Tensor:
+        """Causal mask for ``T`` new queries after ``start`` cached positions (True = may attend)."""
+        return torch.ones(T, start + T, dtype=torch.bool, device=device).tril(start)
+
+    def _memory_heads(self, layer: int, a: Tensor, q: Tensor, q0: Tensor, k: Tensor, v: Tensor, h: Tensor,
+                      start: int, memory: Memory, reads: list[Read]) -> Tensor:
+        """Recompute the memory heads of ``layer`` with local and retrieved entries in one softmax.
+
+        ``q`` are the rotated queries, ``q0`` the same before rotation, ``h`` the block's input.
         """
-        m = self.cfg.memory_layer
-        x, new = self._run(idx, m, cache if self.cfg.xl_cache else None, reset, None)
-        entries = self.blocks[m].attn.project_kv(self.blocks[m].ln1(x))
-        return entries, (new if self.cfg.xl_cache else None)
+        cfg, mp = self.cfg, self.memory
+        B, _, T, D = q.shape
+        cos_d, sin_d = self._fixed_rotation(q.dtype)
+        out = a.clone()
+        by_slot: dict[int, list[tuple[int, int]]] = {}
+        for m, head, slot in self._mem_at[layer]:
+            by_slot.setdefault(slot, []).append((m, head))
+        for slot, members in by_slot.items():
+            ms = [m for m, _ in members]
+            hs = [hd for _, hd in members]
+            kvh = hs[0] // cfg.group
+            q_local = q[:, hs]  # (B, G, T, D), rotated
+            # the memory query: the unrotated query (+ adapter), rotated to the fixed distance
+            q_raw = q0[:, hs]
+            if mp.up is not None:
+                q_raw = q_raw + torch.einsum("btc,gcr,grd->bgtd", h, mp.down[ms].to(h.dtype), mp.up[ms].to(h.dtype))
+            q_mem = rotary(q_raw, cos_d, sin_d)
+            got = memory.search(slot, q_mem.detach(), cfg.knn_k)
+            scale = 1.0 / math.sqrt(D)
+            local = torch.einsum("bgtd,bsd->bgts", q_local, k[:, kvh]) * scale
+            if T > 1 or start:
+                allowed = self._mask(T, start, q.device) if start else torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+                local = local.masked_fill(~allowed, float("-inf"))
+            mem = torch.einsum("bgtd,bgtkd->bgtk", q_mem, got.keys.to(q.dtype)) * scale
+            mem = mem + mp.bias[ms].view(1, -1, 1, 1).to(mem.dtype)
+            mem = mem.masked_fill(~got.mask, float("-inf"))
+            w = torch.softmax(torch.cat((local, mem), dim=-1).float(), dim=-1).to(q.dtype)
+            S = local.shape[-1]
+            o = w[..., :S] @ v[:, kvh].unsqueeze(1) + torch.einsum("bgtk,bgtkd->bgtd", w[..., S:], got.values.to(q.dtype))
+            out[:, hs] = o
+            for g, m in enumerate(ms):
+                reads.append(Read(m, w[:, g, :, S:], _select(got, g)))
+        reads.sort(key=lambda r: r.head)
+        return out
+
+    def _fixed_rotation(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        cos, sin = self._angles(torch.tensor([self.cfg.mem_distance], device=self.embed.weight.device))
+        return cos[0].to(dtype), sin[0].to(dtype)
+
+    def mix_copy(self, logp: Tensor, reads: list[Read], last_only: bool) -> Tensor:
+        """log((1 - g) p_model + g p_copy): p_copy puts each memory head's attention on the tokens
+        of the entries it read; g grows with the share of attention that went to the memory."""
+        V = logp.shape[-1]
+        weights = torch.stack([r.weights[:, -1:] if last_only else r.weights for r in reads]).float()  # (M,B,T,k)
+        tokens = torch.stack([r.got.tokens[:, -1:] if last_only else r.got.tokens for r in reads])
+        share = weights.sum(-1).mean(0)  # (B, T): mean memory share over memory heads
+        flat_w = weights.permute(1, 2, 0, 3).flatten(2)  # (B, T, M*k)
+        flat_t = tokens.permute(1, 2, 0, 3).flatten(2).clamp(min=0)
+        mass = torch.zeros(*flat_w.shape[:2], V, device=logp.device).scatter_add_(2, flat_t, flat_w)
+        total = mass.sum(-1, keepdim=True)
+        p_copy = mass / total.clamp(min=1e-9)
+        g = (torch.sigmoid(self.memory.copy_gate) * share).unsqueeze(-1) * (total > 0)
+        mixed = (1 - g) * logp.exp() + g * p_copy
+        return torch.log(mixed.clamp(min=1e-30))
+
+    # ------------------------------------------------------------------ encoding
 
     @torch.no_grad()
-    def extend(
-        self, idx: Tensor, past: list[KV] | None, memory: Memory | None = None
-    ) -> tuple[Tensor, list[KV]]:
-        """Incremental decoding: the final hidden state ``(B, C)`` of the last position of ``idx``.
+    def encode(self, idx: Tensor) -> Entries:
+        """Memory entries of ``idx`` ``(B, T)``: only the blocks up to the last memory layer run."""
+        cfg = self.cfg
+        upto = cfg.encode_layers
+        keys, values = [], []
+        B, T = idx.shape
+        x = self.embed(idx)
+        cos, sin = self._rope(0, T, x.dtype)
+        want = cfg.memory_kv_heads
+        for i in range(upto):
+            block = self.blocks[i]
+            h = block.ln1(x)
+            layer_heads = [kvh for layer, kvh in want if layer == i]
+            if i == upto - 1:  # the last memory layer: its keys and values are all we need
+                _, k, v = block.attn.project(h)
+                keys += [k[:, j] for j in layer_heads]
+                values += [v[:, j] for j in layer_heads]
+                break
+            q, k, v = block.attn.project(h)
+            keys += [k[:, j] for j in layer_heads]
+            values += [v[:, j] for j in layer_heads]
+            a = F.scaled_dot_product_attention(rotary(q, cos, sin), rotary(k, cos, sin), v, is_causal=T > 1,
+                                               enable_gqa=cfg.group > 1)
+            x = x + block.attn.o_proj(a.transpose(1, 2).reshape(B, T, -1))
+            x = x + block.mlp(block.ln2(x))
+        return Entries(torch.stack(keys, 1), torch.stack(values, 1))
 
-        ``past`` holds every layer's keys and values of the tokens before ``idx`` ``(B, T)``
-        (what a previous call returned); the result extends it by ``idx``.  Every token attends
-        to all earlier tokens of the window, so a window of up to ``2 * seq_len`` tokens stays
-        within the reach the model was trained with (a segment plus the cached one before it),
-        and only new tokens are ever computed: a keystroke costs one token, not a segment.
-        The next-token logits are ``hidden @ embed.weight.T``; a caller decoding many tokens
-        keeps that matrix transposed and contiguous (on a CPU, 5x faster than the strided view).
-        """
-        x, kv = self._run(idx, self.cfg.n_layer, past, None, memory, whole=True)
-        return self.ln_f(x[:, -1]), kv
+
+def _select(got: Retrieved, g: int) -> Retrieved:
+    return Retrieved(got.keys[:, g], got.values[:, g], got.mask[:, g], got.tokens[:, g], got.source[:, g])

@@ -1,14 +1,26 @@
-"""Training: batch slots stream repository-documents, each slot with its own kNN memory.
+"""Teach the memory heads to find in the memory what they would find in the prompt.
 
-Schedule: the model trains without the memory first and switches it on for the last part
-(``mem_start`` of the budget).  Why: retrieval inside the training loop costs time, and the
-memory only pays once the model has learned enough to use it (measured before this project: a
-model trained with memory from the start saw 5x fewer tokens in the same time and barely used
-its memory).  The paper's section 4.5 shows a model fine-tuned to use memory late closes most of
-the gap quickly.
+Context-to-memory distillation, on a frozen base:
 
-Single process on CPU or one GPU; several GPUs through ``torchrun`` (DDP, one process per GPU,
-documents sharded by rank, each rank with its own slots and memories).
+- **teacher**: the base reading a window of a file *after* the most related chunk of another
+  file of the same project (most shared identifiers), i.e. with the evidence in its prompt;
+- **student**: the memorizing model reading the window alone, with every other file of the
+  project in its memory (the window's own file hidden);
+- **loss**: KL(teacher ‖ student) on the window's tokens, plus ``lm_weight`` × the ordinary
+  next-token loss, so the student copies what the context made likely and stays a language model.
+
+Only ``model.memory`` is trained (per-head logit bias, low-rank query adapter, copy gate): a
+few tens of thousands of parameters, which is what two CPU cores can train in an hour or two.
+
+What makes that affordable:
+- the memory entries depend only on the frozen base, so each project is encoded once;
+- the teacher never changes, so its distributions are computed once (top ``teacher_k`` tokens);
+- the layers below the first memory layer never read the memory, so their output is cached and
+  each step runs only the layers from the first memory layer up.
+
+``prepare`` writes those caches into the run folder; ``train`` reads them, checkpoints every
+``ckpt_every`` steps and resumes from the last checkpoint when run again.  On a GPU the same
+recipe runs with more projects and steps (``--device cuda``).
 """
 
 from __future__ import annotations
@@ -16,266 +28,268 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
+import random
 import time
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 
-from .dataset import Dataset, load_dataset
-from .evaluate import score_stream
-from .fim import FimTokens
-from .model import MemorizingTransformer, ModelConfig
-from .runner import SegmentRunner
-from .stream import SegmentStream
-from .tokenizer import CodeTokenizer
-from .weights import load_weights, save_weights
+from .corpus import Document
+from .evaluate import stuffing
+from .memory import TensorMemory
+from .model import MemorizingTransformer
+from .projects import SourceFile, cross_file_mask, defined_names, encode_memory, tokenize_files, top_level_chunks
+from .tokenizer import Tokenizer
 
 
-@dataclass(frozen=True)
+@dataclass
 class TrainConfig:
-    batch: int = 8  # slots per process; each streams its own documents
-    lr: float = 1e-3
-    min_lr_frac: float = 0.1
-    warmup_steps: int = 100
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    max_steps: int = 0  # 0: bounded by time only
-    time_budget_s: float = 0.0  # 0: bounded by steps only
-    mem_start: float = 0.7  # fraction of the budget after which the memory is used
-    mem_capacity: int = 16384  # tokens memorised per slot
-    fim_rate: float = 0.5
-    eval_every: int = 200
-    eval_batches: int = 8
-    ckpt_every: int = 200
-    log_every: int = 10
-    seed: int = 1337
-    compile: bool = False
-
-    def __post_init__(self) -> None:
-        if not (self.max_steps or self.time_budget_s):
-            raise ValueError("set max_steps or time_budget_s")
+    window: int = 256  # student tokens per example (after the file header)
+    stuff_tokens: int = 384  # the teacher's related chunk, at most
+    teacher_k: int = 64  # teacher tokens kept per position (the rest of its mass is dropped)
+    examples: int = 2000
+    min_cross: int = 4  # an example's window holds at least this many cross-file identifier tokens
+    project_min_tokens: int = 3000
+    project_max_tokens: int = 40000
+    max_projects: int = 60  # projects encoded into memories (each costs its tokens, once)
+    steps: int = 2000
+    accumulate: int = 4  # windows per optimizer step
+    lr: float = 2e-3  # adapters; the per-head biases and the copy gate move 10x faster
+    kl_weight: float = 0.0  # 0: no teacher (see the module docstring for why that is the default)
+    lm_weight: float = 1.0
+    ckpt_every: int = 100
+    seed: int = 0
+    held_out: float = 0.05  # share of projects kept out of training, to watch the loss
 
 
-PRESETS: dict[str, tuple[ModelConfig, TrainConfig]] = {
-    # Seconds on a CPU: for tests.
-    "tiny": (
-        ModelConfig(n_layer=2, n_head=2, d_model=32, seq_len=32, knn_k=4),
-        TrainConfig(batch=2, lr=3e-3, warmup_steps=2, max_steps=6, mem_start=0.5, mem_capacity=96,
-                    eval_every=3, eval_batches=2, ckpt_every=3, log_every=1),
-    ),
-    # What two CPU cores can train in about 90 minutes (about 1k tokens/s).
-    "cpu": (
-        ModelConfig(n_layer=6, n_head=3, d_model=192, seq_len=512),
-        TrainConfig(batch=6, lr=2e-3, warmup_steps=100, time_budget_s=5400, mem_start=0.65,
-                    eval_every=250, eval_batches=6, ckpt_every=50),
-    ),
-    # The shipped model: about 8 minutes on one H100/H200, ~21M parameters (42 MB in fp16).
-    "gpu": (
-        ModelConfig(n_layer=8, n_head=6, d_model=384, seq_len=512),
-        TrainConfig(batch=64, lr=2e-3, warmup_steps=200, time_budget_s=420, mem_start=0.7,
-                    eval_every=500, eval_batches=8, ckpt_every=500, log_every=50, compile=True),
-    ),
-}
+# ------------------------------------------------------------------------------ projects
 
 
-def lr_at(tc: TrainConfig, step: int, progress: float) -> float:
-    """Linear warmup, then cosine decay to ``min_lr_frac`` over the budget's progress (0..1)."""
-    if step < tc.warmup_steps:
-        return tc.lr * (step + 1) / tc.warmup_steps
-    floor = tc.lr * tc.min_lr_frac
-    return floor + 0.5 * (tc.lr - floor) * (1 + math.cos(math.pi * min(1.0, progress)))
+def projects_of(doc: Document, tok: Tokenizer, cfg: TrainConfig) -> list[list[tuple[str, str]]]:
+    """Split a repository-document into projects: directory subtrees of a workable size.
+
+    A project is the memory of its own files, so it should be code that belongs together (one
+    package or subpackage) and small enough to encode quickly; a big document (``torch``) is
+    split at its directories until each part fits ``project_max_tokens``.
+    """
+    sizes = {f.path: len(f.text) // 3 for f in doc.files}  # ~3 bytes per token for code
+    files = {f.path: f.text for f in doc.files}
+
+    def split(paths: list[str], depth: int) -> list[list[str]]:
+        total = sum(sizes[p] for p in paths)
+        if total <= cfg.project_max_tokens:
+            return [paths] if total >= cfg.project_min_tokens and len(paths) >= 3 else []
+        groups: dict[str, list[str]] = {}
+        for p in paths:
+            parts = p.split("/")
+            groups.setdefault("/".join(parts[: depth + 1]) if len(parts) > depth + 1 else "", []).append(p)
+        if len(groups) == 1 and "" not in groups:
+            return split(paths, depth + 1)
+        out = []
+        for key, members in groups.items():
+            if key == "":  # files directly in this folder: a project of their own if they fit
+                members = sorted(members, key=lambda p: sizes[p])
+                while members and sum(sizes[p] for p in members) > cfg.project_max_tokens:
+                    members.pop()
+                out += [members] if sum(sizes[p] for p in members) >= cfg.project_min_tokens and len(members) >= 3 else []
+            else:
+                out += split(members, depth + 1)
+        return out
+
+    return [[(p, files[p]) for p in group] for group in split(sorted(files), 0)]
 
 
-def hardware() -> str:
-    if torch.cuda.is_available():
-        return f"{torch.cuda.device_count()}x {torch.cuda.get_device_name()}"
-    return f"CPU ({os.cpu_count()} cores, {platform.machine()})"
+# ------------------------------------------------------------------------------ preparing
+
+
+@dataclass
+class Example:
+    project: int
+    file: int
+    ids: list[int]  # header + window
+    first: int  # where the window's tokens start
+    cross: int  # cross-file identifier tokens in it
+
+
+def choose_examples(tok: Tokenizer, projects: list[list[SourceFile]], cfg: TrainConfig, rng: random.Random,
+                    ) -> list[Example]:
+    """Windows rich in names defined elsewhere in their project: where the memory has a job."""
+    candidates: list[Example] = []
+    for pi, files in enumerate(projects):
+        defined = [defined_names(f.text) for f in files]
+        for fi, f in enumerate(files):
+            foreign = set().union(*(d for j, d in enumerate(defined) if j != fi))
+            cross = cross_file_mask(tok, f, foreign)
+            for a in range(f.first, max(f.first + 1, len(f.ids) - cfg.window // 2), cfg.window):
+                b = min(len(f.ids), a + cfg.window)
+                n = int(cross[a:b].sum())
+                if n >= cfg.min_cross and b - a >= 32:
+                    candidates.append(Example(pi, fi, f.ids[: f.first] + f.ids[a:b], f.first, n))
+    rng.shuffle(candidates)
+    return candidates[: cfg.examples]
+
+
+@torch.no_grad()
+def prepare(model: MemorizingTransformer, tok: Tokenizer, docs: list[Document], out: Path, cfg: TrainConfig,
+            log: Callable[[str], None] = print) -> dict:
+    """Write the caches ``train`` reads: project memories, student inputs, teacher targets."""
+    out.mkdir(parents=True, exist_ok=True)
+    done = out / "prepared.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    rng = random.Random(cfg.seed)
+    raw = [p for d in docs for p in projects_of(d, tok, cfg)]
+    rng.shuffle(raw)
+    raw = raw[: cfg.max_projects]
+    projects = [tokenize_files(tok, p) for p in raw]
+    examples = choose_examples(tok, projects, cfg, rng)
+    used = sorted({e.project for e in examples})
+    log(f"{len(raw)} projects, {len(examples)} examples from {len(used)} of them")
+    first = min(layer for layer, _ in model.cfg.memory_heads)
+    t0 = time.time()
+    memories: dict[int, dict] = {}
+    for n, pi in enumerate(used):
+        mem = encode_memory(model, tok, projects[pi])
+        memories[pi] = {"keys": mem.keys, "values": mem.values, "tokens": mem.tokens, "files": mem.files}
+        if n % 10 == 0:
+            log(f"encoded {n + 1}/{len(used)} project memories ({time.time() - t0:.0f} s)")
+    torch.save(memories, out / "memories.pt")
+    chunks = {pi: [top_level_chunks(f.path, f.text) for f in projects[pi]] for pi in used}
+    hidden, targets, rows = [], [], []
+    for n, e in enumerate(examples):
+        prefix: list[int] = []
+        if cfg.kl_weight:  # the teacher: the window read after the most related chunks
+            others = [c for j, cs in enumerate(chunks[e.project]) if j != e.file for c in cs]
+            prefix = stuffing(tok, tok.decode(e.ids[e.first :]), others, cfg.stuff_tokens)
+            logp = model(torch.tensor([prefix + e.ids])).logits[0, len(prefix) + e.first - 1 : -1]
+            top = logp.topk(cfg.teacher_k, dim=-1)
+            targets.append((top.values.to(torch.float16), top.indices.to(torch.int32)))
+        hidden.append(model.hidden_at(torch.tensor([e.ids]), first)[0].to(torch.bfloat16))
+        rows.append({"project": e.project, "file": e.file, "ids": e.ids, "first": e.first, "cross": e.cross,
+                     "teacher_prefix": len(prefix)})
+        if n % 100 == 0:
+            log(f"example {n + 1}/{len(examples)} ({time.time() - t0:.0f} s)")
+    torch.save({"hidden": hidden, "targets": targets}, out / "examples.pt")
+    meta = {"config": asdict(cfg), "projects": [[p for p, _ in raw[pi]] for pi in used], "examples": rows,
+            "project_ids": used, "first_memory_layer": first, "seconds": time.time() - t0}
+    (out / "examples.json").write_text(json.dumps(meta))
+    done.write_text(json.dumps({"examples": len(rows), "projects": len(used), "seconds": meta["seconds"]}))
+    return json.loads(done.read_text())
+
+
+# ------------------------------------------------------------------------------ training
+
+
+def distill_loss(logp: torch.Tensor, targets: tuple[torch.Tensor, torch.Tensor] | None, ids: torch.Tensor,
+                 kl_weight: float, lm_weight: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``kl_weight`` × KL(teacher ‖ student) over the teacher's top tokens (renormalised) +
+    ``lm_weight`` × NLL.  ``logp`` (T, V) student log-probabilities predicting ``ids`` (T,);
+    returns (loss, kl, nll)."""
+    nll = -logp.gather(-1, ids[:, None]).mean()
+    kl = torch.zeros(())
+    if targets is not None and kl_weight:
+        values, indices = targets
+        t = torch.log_softmax(values.float(), dim=-1)
+        kl = (t.exp() * (t - logp.gather(-1, indices.long()))).sum(-1).mean()
+    return kl_weight * kl + lm_weight * nll, kl, nll
 
 
 class Trainer:
-    def __init__(
-        self,
-        data_dir: Path,
-        out_dir: Path,
-        mc: ModelConfig,
-        tc: TrainConfig,
-        *,
-        init_weights: Path | None = None,
-    ) -> None:
-        self.ddp = "RANK" in os.environ
-        if self.ddp:
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-            self.rank, self.world = dist.get_rank(), dist.get_world_size()
-            local = int(os.environ.get("LOCAL_RANK", 0))
-            self.device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
-            if self.device.type == "cuda":
-                torch.cuda.set_device(self.device)
-        else:
-            self.rank, self.world = 0, 1
-            self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        torch.manual_seed(tc.seed + self.rank)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        self.data_dir, self.out_dir = Path(data_dir), Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.tok = CodeTokenizer.load(self.data_dir / "tokenizer.json")
-        self.mc = replace(mc, vocab_size=self.tok.vocab_size)
-        self.tc = tc
-        self.data: Dataset = load_dataset(self.data_dir)
-        self.model = MemorizingTransformer(self.mc).to(self.device)
-        if init_weights is not None:
-            self._init_from(init_weights)
-        if tc.compile and self.device.type == "cuda":
-            for i, block in enumerate(self.model.blocks):
-                if i != self.mc.memory_layer:  # retrieval does data-dependent indexing: keep eager
-                    block.compile()
-        self.net = self.model
-        if self.ddp:
-            # The gate is unused while the memory is off, hence find_unused_parameters.
-            self.net = DistributedDataParallel(self.model, find_unused_parameters=True)
-        decay = [p for n, p in self.model.named_parameters() if p.dim() >= 2]
-        other = [p for n, p in self.model.named_parameters() if p.dim() < 2]
-        self.opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": tc.weight_decay}, {"params": other, "weight_decay": 0.0}],
-            lr=tc.lr, betas=(0.9, 0.95), fused=self.device.type == "cuda",
-        )
-        train_docs = self.data.spans("train")[self.rank :: self.world]
-        self.fim = FimTokens(self.tok.fim_prefix, self.tok.fim_suffix, self.tok.fim_middle, self.tok.eot)
-        self.stream = SegmentStream(
-            self.data.tokens, train_docs, tc.batch, self.mc.seq_len, pad_id=self.tok.pad,
-            fim=self.fim, fim_rate=tc.fim_rate, seed=tc.seed + self.rank,
-        )
-        self.step, self.elapsed = 0, 0.0
-        self.runner = SegmentRunner(self.model, self.tok.pad, tc.batch)
-        self.log_path = self.out_dir / "train_log.jsonl"
+    def __init__(self, model: MemorizingTransformer, run: Path, cfg: TrainConfig, log: Callable[[str], None] = print,
+                 ) -> None:
+        self.model, self.run, self.cfg, self.log = model, run, cfg, log
+        meta = json.loads((run / "examples.json").read_text())
+        self.rows = meta["examples"]
+        self.first = meta["first_memory_layer"]
+        data = torch.load(run / "examples.pt")
+        self.hidden, self.targets = data["hidden"], data["targets"]
+        self.memories = {pi: TensorMemory(m["keys"], m["values"], m["tokens"], m["files"])
+                         for pi, m in torch.load(run / "memories.pt").items()}
+        # whole projects are held out: the loss on them says whether the heads learned to use a
+        # memory in general, not this project's memory
+        projects = sorted({r["project"] for r in self.rows})
+        held_projects = set(projects[: min(len(projects) - 1, max(1, round(len(projects) * cfg.held_out)))])
+        self.held = [i for i, r in enumerate(self.rows) if r["project"] in held_projects][:60]
+        self.train_ids = [i for i, r in enumerate(self.rows) if r["project"] not in held_projects]
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.params = list(model.memory.parameters())
+        for p in self.params:
+            p.requires_grad_(True)
+        scalars = [p for p in self.params if p.dim() <= 1]
+        matrices = [p for p in self.params if p.dim() > 1]
+        self.opt = torch.optim.Adam([{"params": matrices, "scale": 1.0}, {"params": scalars, "scale": 10.0}], lr=cfg.lr)
+        self.autocast = model.embed.weight.device.type == "cpu"  # bfloat16 products: 2 cores go further
+        self.step = 0
+        self.history: list[dict] = []
+        self.ckpt = run / "checkpoint.pt"
+        if self.ckpt.is_file():
+            state = torch.load(self.ckpt)
+            model.memory.load_state_dict(state["memory"])
+            self.opt.load_state_dict(state["opt"])
+            self.step, self.history = state["step"], state["history"]
+            log(f"resumed at step {self.step}")
 
-    def _init_from(self, path: Path) -> None:
-        loaded = load_weights(path)
-        if loaded.config != self.mc:
-            raise ValueError(f"weights in {path} have config {loaded.config}, not {self.mc}")
-        self.model.load_state_dict(loaded.model.state_dict())
+    def example_loss(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        row = self.rows[i]
+        memory = self.memories[row["project"]]
+        memory.hide([row["file"]])
+        ids = torch.tensor([row["ids"]])
+        device = self.model.embed.weight.device
+        hidden = self.hidden[i].to(device, self.model.embed.weight.dtype)[None]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
+            out = self.model(ids.to(device), memory=memory, hidden=hidden, from_layer=self.first)
+        memory.hide([])
+        f = row["first"]
+        logp = out.logits[0, f - 1 : -1]
+        targets = self.targets[i] if self.targets else None
+        return distill_loss(logp, targets, ids[0, f:].to(device), self.cfg.kl_weight, self.cfg.lm_weight)
 
-    # -- checkpoints -------------------------------------------------------------------------
-    @property
-    def ckpt_path(self) -> Path:
-        return self.out_dir / f"ckpt_rank{self.rank}.pt"
+    @torch.no_grad()
+    def held_out_loss(self) -> dict:
+        kl = nll = 0.0
+        for i in self.held:
+            _, k, n = self.example_loss(i)
+            kl, nll = kl + float(k), nll + float(n)
+        return {"kl": kl / len(self.held), "nll": nll / len(self.held)}
 
-    def save_checkpoint(self) -> None:
-        state = {
-            "model": self.model.state_dict(),
-            "opt": self.opt.state_dict(),
-            "step": self.step,
-            "elapsed": self.elapsed,
-            "stream": self.stream.state_dict(),
-            "model_config": self.mc.to_dict(),
-            "train_config": asdict(self.tc),
-        }
-        tmp = self.ckpt_path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, self.ckpt_path)
+    def save(self) -> None:
+        tmp = self.ckpt.with_suffix(".tmp")
+        torch.save({"memory": self.model.memory.state_dict(), "opt": self.opt.state_dict(), "step": self.step,
+                    "history": self.history}, tmp)
+        os.replace(tmp, self.ckpt)
 
-    def load_checkpoint(self) -> bool:
-        """Resume if a checkpoint exists.  Memories and XL caches restart empty."""
-        if not self.ckpt_path.exists():
-            return False
-        state = torch.load(self.ckpt_path, map_location=self.device, weights_only=False)
-        if state["model_config"] != self.mc.to_dict():
-            raise ValueError(f"{self.ckpt_path} was written for another model config")
-        self.model.load_state_dict(state["model"])
-        self.opt.load_state_dict(state["opt"])
-        self.step, self.elapsed = state["step"], state["elapsed"]
-        self.stream.load_state_dict(state["stream"])
-        return True
-
-    # -- the loop ----------------------------------------------------------------------------
-    def progress(self) -> float:
-        p = 0.0
-        if self.tc.max_steps:
-            p = max(p, self.step / self.tc.max_steps)
-        if self.tc.time_budget_s:
-            p = max(p, self.elapsed / self.tc.time_budget_s)
-        if self.ddp:  # every rank must agree on when to switch phases and stop
-            t = torch.tensor([p], device=self.device)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            p = t.item()
-        return p
-
-    def log(self, record: dict) -> None:
-        if self.rank == 0:
-            print(json.dumps(record), flush=True)
-            with open(self.log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-    def train(self) -> dict:
-        tc = self.tc
-        resumed = self.load_checkpoint()
-        self.log({"event": "start", "resumed": resumed, "step": self.step, "params": self.model.num_params(),
-                  "hardware": hardware(), "model": self.mc.to_dict(), "train": asdict(tc)})
-        phase_tokens = {"off": [0, 0.0], "on": [0, 0.0]}  # tokens, seconds per memory phase
-        while (progress := self.progress()) < 1.0:
-            if progress >= tc.mem_start and self.runner.memory is None:
-                self.runner.enable_memory(tc.mem_capacity)
-                self.log({"event": "memory_on", "step": self.step})
-            t0 = time.perf_counter()
-            lr = lr_at(tc, self.step, progress)
-            for group in self.opt.param_groups:
-                group["lr"] = lr
-            b = self.stream.next_batch()
-            out, _ = self.runner(self.net, b)
-            out.loss.backward()
-            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
-            self.opt.step()
+    def train(self, time_budget: float | None = None) -> list[dict]:
+        cfg = self.cfg
+        rng = random.Random(cfg.seed + self.step)
+        if not self.history:
+            self.history.append({"step": 0, **self.held_out_loss(), "seconds": 0.0})
+            self.log(json.dumps(self.history[-1]))
+        t0 = time.time() - self.history[-1]["seconds"]
+        while self.step < cfg.steps:
+            lr = cfg.lr * min(1.0, (self.step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * self.step / cfg.steps))
+            for g in self.opt.param_groups:
+                g["lr"] = lr * g["scale"]
             self.opt.zero_grad(set_to_none=True)
+            kl_sum = 0.0
+            for _ in range(cfg.accumulate):
+                loss, kl, _ = self.example_loss(rng.choice(self.train_ids))
+                (loss / cfg.accumulate).backward()
+                kl_sum += float(kl)
+            self.opt.step()
             self.step += 1
-            tokens = int((b.targets >= 0).sum()) * self.world
-            if self.step % tc.log_every == 0:
-                loss = out.loss.item()  # waits for the GPU, so only on logging steps
-            dt = time.perf_counter() - t0
-            self.elapsed += dt
-            phase = phase_tokens["on" if self.runner.memory is not None else "off"]
-            phase[0] += tokens
-            phase[1] += dt
-            if self.step % tc.log_every == 0:
-                gate = torch.sigmoid(self.model.memory_attention.gate).mean().item()
-                self.log({"step": self.step, "loss": round(loss, 4), "lr": lr, "grad_norm": round(norm.item(), 3),
-                          "tok_per_s": round(tokens / dt), "elapsed": round(self.elapsed, 1),
-                          "memory": self.runner.memory is not None, "gate": round(gate, 4)})
-            if self.step % tc.eval_every == 0:
-                self.log({"step": self.step, **self.validate()})
-            if self.step % tc.ckpt_every == 0:
-                self.save_checkpoint()
-        self.save_checkpoint()
-        summary = {
-            "steps": self.step,
-            "wall_time_s": round(self.elapsed, 1),
-            "tokens_seen": self.stream.tokens_read * self.world,
-            "tokens_per_s": {k: round(v[0] / v[1]) if v[1] else None for k, v in phase_tokens.items()},
-            "hardware": hardware(),
-            "params": self.model.num_params(),
-            "val": self.validate(),
-        }
-        self.log({"event": "done", **summary})
-        if self.rank == 0:
-            save_weights(self.model, self.tok, self.out_dir / "weights", info={"training": summary})
-            manifest = self.data_dir / "manifest.json"
-            (self.out_dir / "weights" / "corpus_manifest.json").write_bytes(manifest.read_bytes())
-        if self.ddp:
-            dist.destroy_process_group()
-        return summary
+            if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
+                self.history.append({"step": self.step, **self.held_out_loss(), "train_kl": kl_sum / cfg.accumulate,
+                                     "seconds": time.time() - t0, "lr": lr})
+                self.log(json.dumps(self.history[-1]))
+                self.save()
+            if time_budget is not None and time.time() - t0 > time_budget:
+                self.history.append({"step": self.step, **self.held_out_loss(), "seconds": time.time() - t0,
+                                     "stopped": "time budget"})
+                self.save()
+                break
+        return self.history
 
-    def validate(self) -> dict:
-        """Bits per token on held-out documents, memory off and on (same segments)."""
-        self.model.eval()
-        result = {}
-        docs = self.data.spans("val") or self.data.spans("train")[:1]
-        for name, capacity in (("val_bits_nomem", 0), ("val_bits_mem", self.tc.mem_capacity)):
-            stream = SegmentStream(self.data.tokens, docs, self.tc.batch, self.mc.seq_len,
-                                   pad_id=self.tok.pad, seed=0, loop=False)
-            score = score_stream(self.model, stream, capacity, max_batches=self.tc.eval_batches)
-            result[name] = round(score.bits_per_token, 4)
-        self.model.train()
-        return result
+

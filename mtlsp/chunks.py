@@ -66,6 +66,8 @@ DEFINITIONS = frozenset({
     "type_definition",
 })
 _COMMENTS = frozenset({"comment", "line_comment", "block_comment"})
+# Nodes inside a definition wrapper that carry the defined name (Go type specs, JS declarators).
+_NAMED_PARTS = frozenset({"type_spec", "variable_declarator", "function_declaration", "class_declaration"})
 
 
 @dataclass(frozen=True)
@@ -169,6 +171,38 @@ def _split_long(data: bytes, start: int, end: int, kind: str, limit: int, window
         out.append(Chunk(pos, nxt, kind if pos == start else "lines"))
         pos = nxt
     return out
+
+
+def defined_names(path: str, data: bytes, depth: int = 3) -> list[tuple[int, str]]:
+    """(byte offset, name) of what ``data`` defines: functions, classes, methods, types, and
+    module-level assignments, in file order.  These are the names a completion may offer as
+    existing; the store keeps them with the chunk they fall in."""
+    parser = parser_for(path)
+    if parser is None:
+        return []
+    out: list[tuple[int, str]] = []
+
+    def visit(nodes: list[Node], level: int) -> None:
+        for node in nodes:
+            if node.type == "decorated_definition":
+                node = node.child_by_field_name("definition") or node
+            name = node.child_by_field_name("name")
+            if node.type in DEFINITIONS and name is None:  # a wrapper: export, const, type (...)
+                visit([c for c in node.named_children if c.type != "comment"], level)
+            elif node.type in DEFINITIONS or node.type in _NAMED_PARTS:
+                if name is not None and name.type.endswith("identifier"):
+                    out.append((name.start_byte, data[name.start_byte : name.end_byte].decode("utf-8", "replace")))
+                if level < depth:
+                    body = node.child_by_field_name("body")
+                    visit(body.named_children if body is not None else [], level + 1)
+            elif level == 0 and node.type == "expression_statement" and node.named_children:
+                target = node.named_children[0]
+                left = target.child_by_field_name("left") if target.type == "assignment" else None
+                if left is not None and left.type == "identifier":
+                    out.append((left.start_byte, data[left.start_byte : left.end_byte].decode("utf-8", "replace")))
+
+    visit(parser.parse(data).root_node.named_children, 0)
+    return sorted(out)
 
 
 def _merge_tiny(chunks: list[Chunk], min_bytes: int = 64) -> list[Chunk]:

@@ -8,8 +8,8 @@ the last prompts (``decode.Context``), the last ghost text shown and the last po
 - otherwise only the tokens after the prompt's unchanged prefix are computed.
 
 Every completion carries its **support**: the memory entries its tokens attended to, as the
-fraction of memory attention each file and line received (the layer's own softmax over the
-retrieved neighbours).  That is the provenance the editor shows.
+share of memory attention each file and line received (the memory heads' own softmax weights,
+returned by the decoder with the scores they produced).  That is the provenance the editor shows.
 """
 
 from __future__ import annotations
@@ -20,15 +20,13 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from . import prompt, stops
-from .decode import Context, Decoder, check
+from .decode import Context, Decoder, Evidence, check
 from .retrieval import StoreMemory
 
 LineOf = Callable[[str, int], int]  # (path, byte offset) -> 1-based line
-_SUFFIX = 64  # tokens of text after the cursor in a fill-in-the-middle prompt
 _PLAUSIBLE = 6.0  # popup items within this many nats of the best
 
 
@@ -63,11 +61,6 @@ class _Shown:
     support: list[Support]
 
 
-# ((Hits, rows, T), ...): the memory hits a completion's positions read.  Row r of a forward
-# over T tokens per batch row is query head (r // T) % H.
-Evidence = tuple
-
-
 @dataclass
 class Recall:
     """A workspace folder's memory as completions use it."""
@@ -79,39 +72,28 @@ class Recall:
 @dataclass
 class _Doc:
     inline: Context | None = None
-    inline_evidence: Evidence = ()
     popup: Context | None = None
-    popup_evidence: Evidence = ()
     shown: _Shown | None = None
     listed: tuple[list[int], str, list[Candidate]] | None = None  # popup: prompt ids, typed, items
 
 
-def support(evidence: Evidence, scale: np.ndarray, line_of: LineOf, top: int = 5) -> list[Support]:
-    """Files and lines by the share of memory attention their entries received.
-
-    The weights are the memory layer's own softmax over each query's retrieved neighbours
-    (similarity times the head's memory temperature), summed over heads and positions.
-    """
-    H = len(scale)
-    got: dict[tuple[str, int], float] = defaultdict(float)
-    for hits, rows, T in evidence:
-        if hits is None or not rows:
+def support(evidence: Sequence[Evidence | None], recall: Recall, top: int = 5) -> list[Support]:
+    """Files and lines by the share of memory attention their entries received, summed over
+    the memory heads and the completion's positions."""
+    got: dict[int, float] = defaultdict(float)
+    for ev in evidence:
+        if ev is None:
             continue
-        r = np.asarray(rows)
-        ok = hits.mask[r]
-        s = np.where(ok, hits.scores[r].astype(np.float64), -np.inf) * scale[(r // T) % H][:, None]
-        best = s.max(axis=1, keepdims=True)
-        w = np.where(ok, np.exp(s - np.where(np.isfinite(best), best, 0.0)), 0.0)
-        w /= np.maximum(w.sum(axis=1, keepdims=True), 1e-12)
-        fids, offs = hits.file_ids[r], hits.offsets[r]
-        for i, j in zip(*np.nonzero(ok)):
-            got[(hits.path_table[fids[i, j]], int(offs[i, j]))] += float(w[i, j])
+        ok = ev.sources >= 0
+        for src, w in zip(ev.sources[ok].tolist(), ev.weights[ok].tolist()):
+            got[src] += w
     total = sum(got.values())
     if total <= 0:
         return []
     lines: dict[tuple[str, int], float] = defaultdict(float)
-    for (path, offset), weight in got.items():
-        lines[(path, line_of(path, offset))] += weight
+    for src, weight in got.items():
+        path, offset = recall.memory.where(src)
+        lines[(path, recall.line_of(path, offset))] += weight
     ranked = sorted(lines.items(), key=lambda kv: -kv[1])[:top]
     return [Support(path, line, weight / total) for (path, line), weight in ranked]
 
@@ -121,8 +103,6 @@ class Completer:
         self.decoder = decoder
         self.tok = decoder.tok
         self.prefix_tokens = prefix_tokens
-        self.mem_scale = decoder.model.memory_attention.mem_log_scale.detach().float().exp().cpu().numpy()
-        self.H = decoder.model.cfg.n_head
         self._docs: dict[str, _Doc] = {}
         self._lock = threading.Lock()
 
@@ -158,11 +138,10 @@ class Completer:
             if len(shown.text) > len(typed) and shown.text.startswith(typed):
                 return Inline(shown.text[len(typed):], shown.support, 0, _ms(t0), cached=True)
         scope = stops.scope(path, text, cursor)
-        budget = min(self.prefix_tokens, self.decoder.window - len(preamble) - max_tokens - _SUFFIX - 8)
-        p = prompt.build(self.tok, path, text, cursor, prefix_tokens=budget, suffix_tokens=_SUFFIX, preamble=preamble)
+        budget = min(self.prefix_tokens, self.decoder.window - len(preamble) - max_tokens - 8)
+        p = prompt.build(self.tok, path, text, cursor, prefix_tokens=budget, preamble=preamble)
         ctx = self._prefill(doc, "inline", p.ids, memory, cancel)
-        evidence = doc.inline_evidence
-        heads = tuple(range(self.H))
+        evidence = [ctx.evidence]
         stopper = stops.Stopper(scope)
         out = b""
         written = ""
@@ -175,8 +154,8 @@ class Completer:
             if len(out) < len(p.required):
                 scores = scores + self.decoder.constraints.mask(p.required[len(out):], scores.device)
             t = int(scores.argmax())
-            if t >= self.tok.base or not torch.isfinite(scores[t]):
-                break  # <|eot|> or another control token: the model says the gap is filled
+            if self.tok.is_special[t] or not torch.isfinite(scores[t]):
+                break  # <|endoftext|> or another control token: the model says the file ends
             out += self.tok.token_bytes[t]
             if len(out) >= len(p.required):
                 written = out[len(p.required):].decode("utf-8", "ignore")
@@ -185,10 +164,9 @@ class Completer:
                     written = written[:cut]
                     break
             ctx = self.decoder.step([ctx], [t], memory)[0]
-            if memory is not None:
-                evidence += ((memory.last, heads, 1),)
+            evidence.append(ctx.evidence)
         result = stops.finish(written, scope)
-        ranked_support = support(evidence, self.mem_scale, recall.line_of) if recall else []
+        ranked_support = support(evidence, recall) if recall else []
         doc.shown = _Shown(before, after, result, ranked_support) if result else None
         return Inline(result, ranked_support, n, _ms(t0))
 
@@ -212,18 +190,18 @@ class Completer:
         doc = self._doc(uri)
         memory = recall.memory if recall else None
         budget = min(self.prefix_tokens, self.decoder.window - len(preamble) - max_steps - 8)
-        p = prompt.build(self.tok, path, text, cursor, prefix_tokens=budget, fim=False, preamble=preamble)
+        p = prompt.build(self.tok, path, text, cursor, prefix_tokens=budget, preamble=preamble)
         if doc.listed is not None and doc.listed[0] == p.ids and p.typed.startswith(doc.listed[1]):
             # typing on into a word already listed: the items it still matches, without the model
             still = [c for c in doc.listed[2] if c.word.startswith(p.typed) and c.word != p.typed]
             if still:
                 return p.typed, still
         ctx = self._prefill(doc, "popup", p.ids, memory, cancel)
-        beams: list[tuple[Context, bytes, float, Evidence]] = [(ctx, b"", 0.0, doc.popup_evidence)]
-        done: dict[str, tuple[float, Evidence]] = {}
+        beams: list[tuple[Context, bytes, float, tuple]] = [(ctx, b"", 0.0, (ctx.evidence,))]
+        done: dict[str, tuple[float, tuple]] = {}
         for _ in range(max_steps):
             check(cancel)
-            grown: list[tuple[float, Context, bytes, int, Evidence]] = []
+            grown: list[tuple[float, Context, bytes, int, tuple]] = []
             for c, out, lp, ev in beams:
                 scores = c.logits
                 if len(out) < len(p.required):
@@ -233,7 +211,7 @@ class Completer:
                     if score == float("-inf"):
                         continue
                     total = lp + score
-                    special = t >= self.tok.base
+                    special = self.tok.is_special[t]
                     grown_out = out if special else out + self.tok.token_bytes[t]
                     word = _word(grown_out, p, ended=special)
                     if word is None:
@@ -249,16 +227,12 @@ class Completer:
             ):
                 break
             ctxs = self.decoder.step([g[1] for g in grown], [g[3] for g in grown], memory)
-            hits = memory.last if memory is not None else None
-            beams = [
-                (ctxs[b], g[2], g[0], g[4] + ((hits, tuple(b * self.H + h for h in range(self.H)), 1),))
-                for b, g in enumerate(grown)
-            ]
+            beams = [(ctxs[b], g[2], g[0], g[4] + (ctxs[b].evidence,)) for b, g in enumerate(grown)]
         best = sorted(done.items(), key=lambda kv: -kv[1][0])[:items]
         if best:  # drop the tail the model itself finds implausible next to the best
             best = [(w, v) for w, v in best if v[0] > best[0][1][0] - _PLAUSIBLE]
         listed = [
-            Candidate(w, lp, support(ev, self.mem_scale, recall.line_of, top=3) if recall else [])
+            Candidate(w, lp, support(ev, recall, top=3) if recall else [])
             for w, (lp, ev) in best
         ]
         doc.listed = (p.ids, p.typed, listed)
@@ -267,14 +241,9 @@ class Completer:
     # ------------------------------------------------------------------ shared
 
     def _prefill(self, doc: _Doc, kind: str, ids: list[int], memory: StoreMemory | None, cancel) -> Context:
-        """The prompt's model state, reusing the document's previous one; keeps its evidence."""
-        old = getattr(doc, kind)
-        ctx = self.decoder.prefill(ids, memory, reuse=old, cancel=cancel)
-        if ctx is not old:
-            T = self.decoder.last_width  # the last position's rows in the last forward's hits
-            hits = memory.last if memory is not None else None
-            setattr(doc, kind, ctx)
-            setattr(doc, kind + "_evidence", ((hits, tuple(h * T + T - 1 for h in range(self.H)), T),))
+        """The prompt's model state, reusing the document's previous one."""
+        ctx = self.decoder.prefill(ids, memory, reuse=getattr(doc, kind), cancel=cancel)
+        setattr(doc, kind, ctx)
         return ctx
 
 

@@ -1,14 +1,18 @@
-"""Token ids → next-token scores, incrementally, with the memory layer reading a store.
+"""Token ids → next-token scores, incrementally, with the memory heads reading a store.
 
 The language server asks for completions at every keystroke, and consecutive prompts share
 almost all of their tokens.  ``Decoder.prefill`` keeps each prompt's per-layer keys and values
-(``Context``) and, for the next prompt, recomputes only the tokens after the longest common
-prefix: typing inside a word leaves the healed prompt (see ``complete.py``) unchanged, so the
-cached scores are reused outright.
+(``Context``) and, for the next prompt, computes only the tokens after the longest common
+prefix: typing inside a word leaves the healed prompt (``prompt.py``) unchanged, so the cached
+scores are reused outright.
 
-``Constraint`` is token healing's half of decoding: the prompt stops before the characters the
-user has typed of the current word (and the token before them), and generation must reproduce
-those bytes first, so a prompt that ends mid-token cannot derail the model.
+Every call returns its **evidence** with its scores: the memory entries the memory heads read
+at the scored position and the attention they got (``Evidence``).  Provenance is computed from
+that, not re-derived afterwards.
+
+``constraints`` is token healing's half of decoding: the prompt stops before the characters
+the user has typed of the current word (and the token before them), and generation must
+reproduce those bytes first, so a prompt that ends mid-token cannot derail the model.
 """
 
 from __future__ import annotations
@@ -19,9 +23,8 @@ from dataclasses import dataclass
 
 import torch
 from mtlsp_model.memory import Memory
-from mtlsp_model.model import KV, MemorizingTransformer
-from mtlsp_model.runner import autocast
-from mtlsp_model.tokenizer import CodeTokenizer
+from mtlsp_model.model import KV, MemorizingTransformer, Read
+from mtlsp_model.tokenizer import Tokenizer
 from torch import Tensor
 
 
@@ -34,13 +37,32 @@ def check(cancel: threading.Event | None) -> None:
         raise Cancelled()
 
 
+@dataclass(frozen=True)
+class Evidence:
+    """What the memory heads read at one scored position: ``weights`` (M, k) attention shares,
+    ``sources`` (M, k) the memory's ids of the entries (-1: none), M = memory heads."""
+
+    weights: Tensor
+    sources: Tensor
+
+    @staticmethod
+    def of(reads: list[Read], row: int) -> Evidence | None:
+        """The last position's evidence in batch row ``row`` (None without memory reads)."""
+        if not reads:
+            return None
+        return Evidence(torch.stack([r.weights[row, -1].float().cpu() for r in reads]),
+                        torch.stack([r.got.source[row, -1].cpu() for r in reads]))
+
+
 @dataclass
 class Context:
-    """A prompt the model has read: its ids, every layer's keys/values, the next-token scores."""
+    """A prompt the model has read: its ids, every layer's keys/values, the next-token scores
+    and the evidence behind them."""
 
     ids: list[int]
     kv: list[KV]
     logits: Tensor  # (V,) log-probabilities of the token after ``ids``
+    evidence: Evidence | None
 
     def truncated(self, n: int) -> list[KV]:
         return [KV(k[:, :, :n], v[:, :, :n]) for k, v in self.kv]
@@ -57,15 +79,14 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 class Decoder:
     """One model, read incrementally.  Not thread-safe: the server runs it on one worker."""
 
-    def __init__(self, model: MemorizingTransformer, tok: CodeTokenizer) -> None:
+    def __init__(self, model: MemorizingTransformer, tok: Tokenizer, *, window: int = 2048,
+                 chunk: int = 512) -> None:
         self.model = model
         self.tok = tok
         self.device = next(model.parameters()).device
-        self.window = 2 * model.cfg.seq_len  # positions the rotary tables (and training) cover
+        self.window = min(window, model.cfg.max_context)  # prompt + completion, at most
+        self.chunk = chunk  # a long prompt is read this many tokens at a time (cancellable)
         self.constraints = _TokenTable(tok)
-        self.last_width = 0  # tokens per row in the latest forward (to find rows in memory hits)
-        # the tied output embedding, transposed once: x @ W.T on the strided view is ~5x slower
-        self.head = model.embed.weight.detach().t().contiguous()
 
     def prefill(
         self,
@@ -84,13 +105,13 @@ class Decoder:
             return reuse
         n = min(n, len(ids) - 1)  # the last token is always run: its scores are the answer
         past = reuse.truncated(n) if reuse is not None and n else None
-        logits = None
-        step = self.model.cfg.seq_len
-        for start in range(n, len(ids), step):
+        out = None
+        for start in range(n, len(ids), self.chunk):
             check(cancel)
-            logits, past = self._extend([ids[start : start + step]], past, memory)
-        assert logits is not None and past is not None
-        return Context(list(ids), past, torch.log_softmax(logits[0].float(), -1))
+            out = self._forward([ids[start : start + self.chunk]], past, memory)
+            past = out.kv
+        assert out is not None
+        return Context(list(ids), out.kv, out.logits[0, -1], Evidence.of(out.reads, 0))
 
     def step(self, ctxs: list[Context], tokens: list[int], memory: Memory | None) -> list[Context]:
         """Append one token to each context, as one batch when they have the same length."""
@@ -102,26 +123,24 @@ class Decoder:
             KV(torch.cat([c.kv[i].keys for c in ctxs]), torch.cat([c.kv[i].values for c in ctxs]))
             for i in range(len(ctxs[0].kv))
         ] if len(ctxs) > 1 else ctxs[0].kv
-        logits, kv = self._extend([[t] for t in tokens], past, memory)
-        scores = torch.log_softmax(logits.float(), -1)
+        out = self._forward([[t] for t in tokens], past, memory)
         return [
-            Context(c.ids + [t], [KV(k[b : b + 1], v[b : b + 1]) for k, v in kv], scores[b])
+            Context(c.ids + [t], [KV(k[b : b + 1], v[b : b + 1]) for k, v in out.kv], out.logits[b, -1],
+                    Evidence.of(out.reads, b))
             for b, (c, t) in enumerate(zip(ctxs, tokens, strict=True))
         ]
 
-    def _extend(self, rows: list[list[int]], past: list[KV] | None, memory: Memory | None):
-        self.last_width = len(rows[0])
+    def _forward(self, rows: list[list[int]], past: list[KV] | None, memory: Memory | None):
         x = torch.tensor(rows, device=self.device)
-        with torch.inference_mode(), autocast(self.device):
-            hidden, kv = self.model.extend(x, past, memory)
-            return hidden @ self.head.to(hidden.dtype), kv
+        with torch.inference_mode():
+            return self.model(x, past=past, memory=memory, last_only=True)
 
 
 class _TokenTable:
     """Which tokens are consistent with bytes that must come next (token healing)."""
 
-    def __init__(self, tok: CodeTokenizer) -> None:
-        pairs = sorted((b, i) for i, b in enumerate(tok.token_bytes[: tok.base]) if b)
+    def __init__(self, tok: Tokenizer) -> None:
+        pairs = sorted((b, i) for i, b in enumerate(tok.token_bytes) if b)
         self._sorted = [b for b, _ in pairs]
         self._ids = [i for _, i in pairs]
         self._exact = {b: i for b, i in pairs}

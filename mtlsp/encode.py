@@ -1,13 +1,17 @@
 """Chunks → tokens → memory entries, through the model's encode path in batches.
 
 Each chunk is read after a short context that edits elsewhere in the file rarely change: the
-file's path header and its leading non-definition lines (imports, mostly).  Only the chunk's own tokens become
-entries.  A stable context is what lets an unchanged chunk keep its entries when a function is
-added above it; the previous lines would change with every such edit.
+base's own file header (``<filename>path``, the format it was pretrained on) and the file's
+leading non-definition lines (imports, mostly).  Only the chunk's own tokens become entries.
+A stable context is what lets an unchanged chunk keep its entries when a function is added
+above it; the previous lines would change with every such edit.  The context also keeps the
+attention sinks (the first tokens of a sequence, which every query attends to) out of the
+memory: they are read, never stored.
 
-Chunks that fit one model segment are padded on the right and encoded together (attention is
-causal, so padding after a sequence changes nothing in it); longer ones go segment by segment
-with the Transformer-XL cache, exactly as training read them.
+Chunks are padded on the right and encoded together (attention is causal, so padding after a
+sequence changes nothing in it).  A chunk longer than ``piece_tokens`` is encoded in pieces cut
+after a line end, each read after the same context.  Only the blocks up to the last memory
+layer run.
 """
 
 from __future__ import annotations
@@ -19,14 +23,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from mtlsp_model.generate import encode_entries
-from mtlsp_model.model import KV, MemorizingTransformer
-from mtlsp_model.runner import autocast
-from mtlsp_model.tokenizer import CodeTokenizer
+from mtlsp_model.model import MemorizingTransformer
+from mtlsp_model.tokenizer import Tokenizer
 
 from .chunks import Chunk
 from .memory_files import Entries
-from .retrieval import entries_from_kv
 
 CONTEXT_BYTES = 384  # the file's first lines every chunk is read after
 
@@ -56,6 +57,7 @@ class Job:
     context: list[int]
     ids: list[int]
     offsets: np.ndarray
+    names: tuple[str, ...] = ()  # what the chunk defines (kept with it in the store)
 
 
 def preamble(data: bytes, chunks: list[Chunk]) -> bytes:
@@ -85,13 +87,16 @@ def chunk_hashes(path: str, data: bytes, chunks: list[Chunk]) -> list[str]:
 class Encoder:
     """Turns jobs into storage entries with one model; thread-compatible, not thread-safe."""
 
-    def __init__(self, model: MemorizingTransformer, tok: CodeTokenizer, *, batch_tokens: int = 8192) -> None:
+    def __init__(self, model: MemorizingTransformer, tok: Tokenizer, *, batch_tokens: int = 4096,
+                 piece_tokens: int = 1024) -> None:
         self.model = model
         self.tok = tok
         self.batch_tokens = batch_tokens
+        self.piece_tokens = piece_tokens
         self.device = next(model.parameters()).device
         # bytes per token id; special ids (file headers) stand for no bytes of the file
-        self._lengths = np.array([len(tok.token_bytes[i]) for i in range(tok.base)] + [0] * (tok.vocab_size - tok.base))
+        self._lengths = np.array([len(b) for b in tok.token_bytes], dtype=np.int64)
+        self._newline = np.array([b.endswith(b"\n") for b in tok.token_bytes])
 
     def token_offsets(self, ids: list[int]) -> np.ndarray:
         """Each token's first byte in the text ``ids`` encode (relative to its start)."""
@@ -99,47 +104,59 @@ class Encoder:
             return np.zeros(0, np.int64)
         return np.concatenate([[0], np.cumsum(self._lengths[ids])[:-1]])
 
-    def job(self, path: str, data: bytes, chunk: Chunk, chunk_hash: str, pre: bytes) -> Job:
+    def job(self, path: str, data: bytes, chunk: Chunk, chunk_hash: str, pre: bytes,
+            names: tuple[str, ...] = ()) -> Job:
         """``pre``: the file's ``preamble``, read before every chunk but the first."""
         context = self.tok.file_header(path)
         if chunk.start > 0 and pre:
             context = context + self.tok.encode(pre.decode("utf-8"))
         ids = self.tok.encode(data[chunk.start : chunk.end].decode("utf-8"))
-        return Job(chunk, chunk_hash, context, ids, self.token_offsets(ids))
+        return Job(chunk, chunk_hash, context, ids, self.token_offsets(ids), names)
+
+    def _pieces(self, n: int, ids: list[int]) -> list[tuple[int, int]]:
+        """Ranges of ``ids`` of at most ``piece_tokens``, cut after a line end where possible."""
+        out, a, size = [], 0, self.piece_tokens
+        while a < n:
+            b = min(n, a + size)
+            if b < n:
+                ends = np.nonzero(self._newline[ids[a + size // 2 : b]])[0]
+                if ends.size:
+                    b = a + size // 2 + int(ends[-1]) + 1
+            out.append((a, b))
+            a = b
+        return out
 
     @torch.no_grad()
     def encode(self, jobs: list[Job]) -> list[Entries]:
-        out: list[Entries | None] = [None] * len(jobs)
-        T = self.model.cfg.seq_len
-        short = sorted((i for i, j in enumerate(jobs) if len(j.context) + len(j.ids) <= T),
-                       key=lambda i: len(jobs[i].context) + len(jobs[i].ids))
-        batch: list[int] = []
-        for i in short:
-            n = len(jobs[i].context) + len(jobs[i].ids)
-            if batch and n * (len(batch) + 1) > self.batch_tokens:
-                self._encode_batch(jobs, batch, out)
-                batch = []
-            batch.append(i)
-        if batch:
-            self._encode_batch(jobs, batch, out)
-        for i, j in enumerate(jobs):
-            if out[i] is None:  # longer than a segment: XL cache, segment by segment
-                kv = encode_entries(self.model, j.context + j.ids)
-                out[i] = self._entries(kv.keys[:, :, len(j.context) :], kv.values[:, :, len(j.context) :], j)
-        return out  # type: ignore[return-value]
+        """Entries for each job, in order."""
+        rows = [(j, a, b) for j, job in enumerate(jobs) for a, b in self._pieces(len(job.ids), job.ids)]
+        rows.sort(key=lambda r: len(jobs[r[0]].context) + r[2] - r[1])
+        parts: dict[int, list[tuple[int, np.ndarray, np.ndarray]]] = {}
+        i = 0
+        while i < len(rows):
+            k = i + 1
+            while k < len(rows) and (k - i + 1) * (len(jobs[rows[k][0]].context) + rows[k][2] - rows[k][1]) <= self.batch_tokens:
+                k += 1
+            self._encode_batch(jobs, rows[i:k], parts)
+            i = k
+        out = []
+        for j, job in enumerate(jobs):
+            got = sorted(parts.get(j, []), key=lambda p: p[0])
+            S, D = len(self.model.cfg.memory_kv_heads), self.model.cfg.head_dim
+            keys = np.concatenate([p[1] for p in got]) if got else np.zeros((0, S, D), np.float32)
+            values = np.concatenate([p[2] for p in got]) if got else np.zeros((0, S, D), np.float32)
+            out.append(Entries.from_float(keys, values, np.asarray(job.ids, dtype=np.int64), job.offsets))
+        return out
 
-    def _encode_batch(self, jobs: list[Job], batch: list[int], out: list) -> None:
-        rows = [jobs[i].context + jobs[i].ids for i in batch]
-        width = max(len(r) for r in rows)
-        x = torch.full((len(rows), width), self.tok.pad, dtype=torch.long)
-        for r, row in enumerate(rows):
-            x[r, : len(row)] = torch.tensor(row)
-        with autocast(self.device):
-            kv, _ = self.model.encode(x.to(self.device))
-        for r, i in enumerate(batch):
-            a, b = len(jobs[i].context), len(rows[r])
-            out[i] = self._entries(kv.keys[r : r + 1, :, a:b], kv.values[r : r + 1, :, a:b], jobs[i])
-
-    @staticmethod
-    def _entries(keys: torch.Tensor, values: torch.Tensor, job: Job) -> Entries:
-        return entries_from_kv(KV(keys, values), job.offsets)
+    def _encode_batch(self, jobs: list[Job], rows: list[tuple[int, int, int]], parts: dict) -> None:
+        seqs = [jobs[j].context + jobs[j].ids[a:b] for j, a, b in rows]
+        width = max(len(s) for s in seqs)
+        x = torch.full((len(seqs), width), self.tok.eot, dtype=torch.long)
+        for r, s in enumerate(seqs):
+            x[r, : len(s)] = torch.tensor(s)
+        e = self.model.encode(x.to(self.device))
+        keys = e.keys.float().permute(0, 2, 1, 3).cpu().numpy()  # (B, T, S, D)
+        values = e.values.float().permute(0, 2, 1, 3).cpu().numpy()
+        for r, (j, a, b) in enumerate(rows):
+            c = len(jobs[j].context)
+            parts.setdefault(j, []).append((a, keys[r, c : c + b - a], values[r, c : c + b - a]))

@@ -19,20 +19,10 @@ import threading
 import time
 from pathlib import Path
 
-import torch
-
-from .memory import MemoryStore, StoreOptions
+from .memory import StoreOptions
 from .memory_files import StoreError, read_manifest, store_dir_for
 
 log = logging.getLogger("mtlsp.index")
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise StoreError("--device cuda asked for, but torch sees no CUDA device")
-    return torch.device(name)
 
 
 def _bar(root: Path):
@@ -67,7 +57,7 @@ def status(paths: list[Path], cache_root: str | None) -> None:
         if manifest is None:
             print(f"{root}: not indexed (store would be {where})")
             continue
-        tokens = sum(rec[5] for f in manifest["files"].values() for rec in f["chunks"])
+        tokens = sum(rec.tokens for f in manifest["files"].values() for rec in f["chunks"])
         chunks = sum(len(f["chunks"]) for f in manifest["files"].values())
         disk = sum(p.stat().st_size for p in where.iterdir() if p.is_file())
         print(f"{root}: {len(manifest['files'])} files, {chunks} chunks, {tokens:,} tokens; "
@@ -81,7 +71,8 @@ def main(argv: list[str]) -> None:
     ap.add_argument("paths", nargs="+", type=Path)
     ap.add_argument("--watch", action="store_true", help="keep the memory fresh until interrupted")
     ap.add_argument("--status", action="store_true", help="print what each store holds, index nothing")
-    ap.add_argument("--weights", help="weights directory (default: the shipped weights)")
+    ap.add_argument("--weights", help="memory weights directory (default: the shipped weights)")
+    ap.add_argument("--base", help="another base model: a wheel, GGUF file or Hugging Face folder")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--cache-dir", help="where stores live (default: $XDG_CACHE_HOME/mtlsp)")
     ap.add_argument("--memory-cap", type=int, default=StoreOptions.cap_tokens, help="tokens per store")
@@ -97,30 +88,25 @@ def main(argv: list[str]) -> None:
         status(roots, a.cache_dir)
         return
 
-    from mtlsp_model.weights import SHIPPED, WeightsError, load_weights
+    from mtlsp_model.weights import WeightsError
 
-    from .encode import Encoder, bound_heap_retention
-    from .indexer import Indexer
+    from .encode import bound_heap_retention
     from .watch import Watcher
+    from .workspace import Engine
 
     try:
-        device = _device(a.device)
-        loaded = load_weights(Path(a.weights) if a.weights else SHIPPED, device=device)
+        engine = Engine.load(Path(a.weights) if a.weights else None, a.device, a.base)
     except (WeightsError, StoreError, OSError) as e:
         sys.exit(f"mtlsp index: error: {e}")
     bound_heap_retention()
-    encoder = Encoder(loaded.model, loaded.tokenizer)
-    options = StoreOptions(cap_tokens=a.memory_cap, device=device.type)
     indexers = []
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
         for root in roots:
-            store = MemoryStore.open(root, fingerprint=loaded.fingerprint, dim=loaded.config.head_dim,
-                                     cache_root=a.cache_dir, options=options)
+            store, indexer = engine.open_memory(root, cap_tokens=a.memory_cap, cache_root=a.cache_dir)
             if store.reset_reason:
                 print(f"mtlsp: {store.reset_reason}", file=sys.stderr)
-            indexer = Indexer(root, store, encoder)
             indexers.append(indexer)
             report = indexer.refresh(progress=None if a.quiet else _bar(root), stop=stop)
             if not a.quiet:

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .chunks import chunk_file
+from .chunks import chunk_file, defined_names
 from .encode import Encoder, Job, chunk_hashes, preamble
 from .memory import FileUpdate, KeptChunk, MemoryStore, NewChunk
 from .scan import Rules, ScanOptions, content_problem, read_text, walk
@@ -229,9 +229,14 @@ class Indexer:
         have = {c.hash for c in info.chunks} if info else set()
         chunks = chunk_file(rel, data)
         pre = preamble(data, chunks)
+        names = defined_names(rel, data)
         planned: list = []
         for c, h in zip(chunks, chunk_hashes(rel, data, chunks), strict=True):
-            planned.append(KeptChunk(c.start, c.end, h) if h in have else self.encoder.job(rel, data, c, h, pre))
+            if h in have:
+                planned.append(KeptChunk(c.start, c.end, h))
+            else:
+                inside = tuple(dict.fromkeys(n for at, n in names if c.start <= at < c.end))
+                planned.append(self.encoder.job(rel, data, c, h, pre, inside))
         return _Plan(rel, digest, data, planned)
 
     def _commit(self, plans: list[_Plan], report: Report) -> int:
@@ -244,7 +249,7 @@ class Indexer:
             chunks = []
             for c in p.chunks:
                 if isinstance(c, Job):
-                    chunks.append(NewChunk(c.chunk.start, c.chunk.end, c.hash, entries[id(c)]))
+                    chunks.append(NewChunk(c.chunk.start, c.chunk.end, c.hash, entries[id(c)], c.names))
                     report.chunks_encoded += 1
                 else:
                     chunks.append(c)

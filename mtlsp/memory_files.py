@@ -12,11 +12,11 @@ process killed at any instant leaves the previous generation or the next one, ne
 Segments are written and fsynced before the manifest that names them; segments that no manifest
 names any more are deleted only after the new manifest is durable.
 
-Entries are stored as the model defines them (unit-norm keys, values) in a compact form: keys
-in fp16 (what the model computes them in on an accelerator) and values in int8 with one scale
-per entry, plus each token's byte offset in its chunk for provenance.  198 bytes per token at
-the shipped 64-dimensional head, under the 256 that fp16 values would need before any
-bookkeeping.
+An entry is one token: for each of the model's H memory key/value heads a key and a value
+(raw attention keys, not unit-norm, their magnitudes varying by head), plus the token's id and
+its byte offset in its chunk.  Keys and values are stored as int8 with one fp16 scale per
+(token, head): 536 bytes per token at H=4, D=64, where fp16 would take 1,032 before any
+bookkeeping.  The store searches and returns exactly these dequantised numbers.
 """
 
 from __future__ import annotations
@@ -28,19 +28,21 @@ import os
 import struct
 import time
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Self
+from typing import NamedTuple, Self
 
 import msgpack
 import numpy as np
 
-FORMAT = 1
+FORMAT = 2
 MANIFEST = "manifest.msgpack"
 LOCK = "writer.lock"
 _MANIFEST_MAGIC = b"MTLSPMF1"
 _SEGMENT_MAGIC = b"MTLSPSG1"
-_SEGMENT_HEADER = struct.Struct("<8sIIII")  # magic, format, rows, dim, crc32 of the payload
+_SEGMENT_HEADER = struct.Struct("<8sIIIII")  # magic, format, rows, heads, dim, crc32 of the payload
+_FP16_MAX = float(np.finfo(np.float16).max)
 
 
 class StoreError(Exception):
@@ -107,71 +109,137 @@ def atomic_write(path: Path, data: bytes | list[bytes | memoryview]) -> None:
     fsync_dir(path.parent)
 
 
+def quantize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 codes of ``x`` (..., D) with one fp16 scale per vector: x ~ codes * scale / 127.
+
+    The scale is the vector's largest magnitude, rounded to fp16 *before* quantising, so that
+    dequantisation multiplies by the very number the codes were computed against: each
+    component is then within half a step (scale / 254) of the original.
+    """
+    peak = np.abs(x).max(axis=-1)
+    if peak.size and peak.max() > _FP16_MAX:
+        raise StoreError(f"entries hold magnitudes up to {peak.max():.3g}, beyond fp16's {_FP16_MAX:.0f}")
+    scales = np.where(peak > 0, peak, 1.0).astype(np.float16)
+    q = np.rint(x / scales.astype(np.float32)[..., None] * 127.0)
+    return np.clip(q, -127, 127).astype(np.int8), scales
+
+
+def dequantize(codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """float32 vectors from int8 ``codes`` (..., D) and their fp16 ``scales`` (...)."""
+    return codes.astype(np.float32) * (scales.astype(np.float32) / 127.0)[..., None]
+
+
 @dataclass(frozen=True)
 class Entries:
-    """Memory entries in storage form; row ``i`` is one token.
+    """Memory entries in storage form; row ``i`` is one token, with one key and value per head.
 
-    ``keys`` (n, D) fp16 unit vectors; ``values`` (n, D) int8 and ``scales`` (n,) fp16 with
-    value = values * scales / 127; ``offsets`` (n,) uint32: the token's first byte, relative to
-    its chunk's start (relative, so a chunk that only moves keeps its entries).
+    ``keys`` (n, H, D) int8 with ``key_scales`` (n, H) fp16, and ``values``/``value_scales``
+    likewise (see ``quantize``); ``tokens`` (n,) uint32: the token ids, which the model mixes
+    into its next-token distribution; ``offsets`` (n,) uint32: the token's first byte, relative
+    to its chunk's start (relative, so a chunk that only moves keeps its entries).
     """
 
     keys: np.ndarray
+    key_scales: np.ndarray
     values: np.ndarray
-    scales: np.ndarray
+    value_scales: np.ndarray
+    tokens: np.ndarray
     offsets: np.ndarray
 
     @classmethod
-    def from_float(cls, keys: np.ndarray, values: np.ndarray, offsets: np.ndarray) -> Entries:
-        """Quantise float keys/values as the model produced them; checks shapes and finiteness."""
+    def from_float(cls, keys: np.ndarray, values: np.ndarray, tokens: np.ndarray, offsets: np.ndarray) -> Entries:
+        """Quantise float keys/values (n, H, D) as the model produced them; checks shapes and ranges."""
         keys = np.asarray(keys, dtype=np.float32)
         values = np.asarray(values, dtype=np.float32)
-        offsets = np.asarray(offsets)
-        if keys.ndim != 2 or values.shape != keys.shape or offsets.shape != (keys.shape[0],):
+        tokens, offsets = np.asarray(tokens), np.asarray(offsets)
+        n = keys.shape[0] if keys.ndim else 0
+        if keys.ndim != 3 or values.shape != keys.shape or tokens.shape != (n,) or offsets.shape != (n,):
             raise StoreError(
-                f"entries must be keys (n, D), values (n, D) and offsets (n,); got "
-                f"{keys.shape}, {values.shape}, {offsets.shape}"
+                f"entries must be keys (n, H, D), values (n, H, D), tokens (n,) and offsets (n,); got "
+                f"{keys.shape}, {values.shape}, {tokens.shape}, {offsets.shape}"
             )
         if not (np.isfinite(keys).all() and np.isfinite(values).all()):
             raise StoreError("entries contain NaN or infinite numbers")
-        if offsets.size and (offsets.min() < 0 or offsets.max() >= 2**32):
-            raise StoreError("entry offsets must fit in 32 bits")
-        peak = np.abs(values).max(axis=1)
-        scales = np.where(peak > 0, peak, 1.0).astype(np.float16)
-        # Quantise against the fp16-rounded scale so that dequantisation uses the same number.
-        q = np.rint(values / scales.astype(np.float32)[:, None] * 127.0)
-        return cls(
-            keys.astype(np.float16),
-            np.clip(q, -127, 127).astype(np.int8),
-            scales,
-            offsets.astype(np.uint32),
-        )
+        for name, a in (("token ids", tokens), ("offsets", offsets)):
+            if a.size and (a.min() < 0 or a.max() >= 2**32):
+                raise StoreError(f"entry {name} must fit in 32 bits")
+        return cls(*quantize(keys), *quantize(values), tokens.astype(np.uint32), offsets.astype(np.uint32))
 
     def __len__(self) -> int:
         return self.keys.shape[0]
 
     @property
-    def dim(self) -> int:
+    def heads(self) -> int:
         return self.keys.shape[1]
 
+    @property
+    def dim(self) -> int:
+        return self.keys.shape[2]
+
+    def arrays(self) -> tuple[np.ndarray, ...]:
+        """The six arrays, in field (and on-disk) order."""
+        return (self.keys, self.key_scales, self.values, self.value_scales, self.tokens, self.offsets)
+
+    def float_keys(self) -> np.ndarray:
+        return dequantize(self.keys, self.key_scales)
+
     def float_values(self) -> np.ndarray:
-        return dequantize(self.values, self.scales)
+        return dequantize(self.values, self.value_scales)
 
     def take(self, start: int, stop: int) -> Entries:
-        return Entries(*(a[start:stop] for a in (self.keys, self.values, self.scales, self.offsets)))
+        return Entries(*(a[start:stop] for a in self.arrays()))
 
     @staticmethod
-    def concat(parts: list[Entries], dim: int) -> Entries:
+    def empty(heads: int, dim: int) -> Entries:
+        return Entries(*(np.zeros(shape, dtype) for dtype, shape in _layout(0, heads, dim)))
+
+    @staticmethod
+    def concat(parts: Sequence[Entries], heads: int, dim: int) -> Entries:
         if not parts:
-            return Entries(
-                np.zeros((0, dim), np.float16), np.zeros((0, dim), np.int8),
-                np.zeros(0, np.float16), np.zeros(0, np.uint32),
-            )
-        return Entries(*(np.concatenate(a) for a in zip(*((p.keys, p.values, p.scales, p.offsets) for p in parts))))
+            return Entries.empty(heads, dim)
+        return Entries(*(np.concatenate(a) for a in zip(*(p.arrays() for p in parts))))
 
 
-def dequantize(values: np.ndarray, scales: np.ndarray) -> np.ndarray:
-    return values.astype(np.float32) * (scales.astype(np.float32) / 127.0)[..., None]
+def _layout(rows: int, heads: int, dim: int) -> list[tuple[type, tuple[int, ...]]]:
+    """(dtype, shape) of each ``Entries`` array: the segment payload, in order."""
+    return [
+        (np.int8, (rows, heads, dim)), (np.float16, (rows, heads)),
+        (np.int8, (rows, heads, dim)), (np.float16, (rows, heads)),
+        (np.uint32, (rows,)), (np.uint32, (rows,)),
+    ]
+
+
+def bytes_per_token(heads: int, dim: int) -> int:
+    """Payload bytes of one entry in a segment: 536 at H=4, D=64."""
+    return sum(np.dtype(dtype).itemsize * int(np.prod(shape)) for dtype, shape in _layout(1, heads, dim))
+
+
+class ChunkRecord(NamedTuple):
+    """One chunk of a file in the manifest: its bytes, its content hash, where its entries live,
+    and the identifiers it defines (completion candidates, found by the indexer).
+
+    ``(segment, row)`` is the chunk's id: the segment holding its ``tokens`` entries from row
+    ``row``; stable until compaction moves them.  msgpack stores it as an array in field order
+    (a NamedTuple packs as one).
+    """
+
+    start: int
+    end: int
+    hash: str
+    segment: int
+    row: int
+    tokens: int
+    names: tuple[str, ...] = ()
+
+    @property
+    def id(self) -> tuple[int, int]:
+        return (self.segment, self.row)
+
+    @classmethod
+    def from_msgpack(cls, rec: object) -> ChunkRecord:
+        if not isinstance(rec, list) or len(rec) != len(cls._fields) or not isinstance(rec[6], list):
+            raise ValueError(f"bad chunk record {rec!r:.80}")
+        return cls(*rec[:6], tuple(rec[6]))
 
 
 def segment_name(seg: int) -> str:
@@ -185,37 +253,37 @@ def segment_id(name: str) -> int | None:
     return None
 
 
-def write_segment(directory: Path, seg: int, entries: Entries) -> None:
-    payload = [np.ascontiguousarray(a).data for a in (entries.keys, entries.values, entries.scales, entries.offsets)]
+def write_segment(directory: Path, seg: int, parts: Sequence[Entries], heads: int, dim: int) -> None:
+    """One segment holding ``parts`` one after the other; written without concatenating them."""
+    payload = [np.ascontiguousarray(a).data for arrays in zip(*(p.arrays() for p in parts)) for a in arrays]
     crc = 0
     for part in payload:
         crc = zlib.crc32(part, crc)
-    header = _SEGMENT_HEADER.pack(_SEGMENT_MAGIC, FORMAT, len(entries), entries.dim, crc)
+    header = _SEGMENT_HEADER.pack(_SEGMENT_MAGIC, FORMAT, sum(len(p) for p in parts), heads, dim, crc)
     atomic_write(directory / segment_name(seg), [header, *payload])
 
 
-def read_segment(directory: Path, seg: int, dim: int) -> Entries:
+def read_segment(directory: Path, seg: int, heads: int, dim: int) -> Entries:
     """Load and verify one segment; ``FileNotFoundError`` if absent, ``CorruptStore`` if bad."""
     path = directory / segment_name(seg)
     data = path.read_bytes()
     if len(data) < _SEGMENT_HEADER.size:
         raise CorruptStore(f"{path}: truncated ({len(data)} bytes)")
-    magic, fmt, rows, seg_dim, crc = _SEGMENT_HEADER.unpack_from(data)
+    magic, fmt, rows, seg_heads, seg_dim, crc = _SEGMENT_HEADER.unpack_from(data)
     if magic != _SEGMENT_MAGIC or fmt != FORMAT:
-        raise CorruptStore(f"{path}: not an mtlsp segment (format {fmt})")
-    if seg_dim != dim:
-        raise CorruptStore(f"{path}: entries of dimension {seg_dim}, the store holds {dim}")
-    sizes = [rows * dim * 2, rows * dim, rows * 2, rows * 4]
-    if len(data) != _SEGMENT_HEADER.size + sum(sizes):
-        raise CorruptStore(f"{path}: {len(data)} bytes, expected {_SEGMENT_HEADER.size + sum(sizes)}")
+        raise CorruptStore(f"{path}: not an mtlsp segment of format {FORMAT}")
+    if (seg_heads, seg_dim) != (heads, dim):
+        raise CorruptStore(f"{path}: entries of {seg_heads} heads x {seg_dim} dims, the store holds {heads} x {dim}")
+    expected = _SEGMENT_HEADER.size + rows * bytes_per_token(heads, dim)
+    if len(data) != expected:
+        raise CorruptStore(f"{path}: {len(data)} bytes, expected {expected}")
     body = memoryview(data)[_SEGMENT_HEADER.size :]
     if zlib.crc32(body) != crc:
         raise CorruptStore(f"{path}: checksum mismatch")
     arrays = []
     pos = 0
-    for size, dtype, shape in zip(
-        sizes, (np.float16, np.int8, np.float16, np.uint32), ((rows, dim), (rows, dim), (rows,), (rows,))
-    ):
+    for dtype, shape in _layout(rows, heads, dim):
+        size = np.dtype(dtype).itemsize * int(np.prod(shape))
         arrays.append(np.frombuffer(body[pos : pos + size], dtype=dtype).reshape(shape))
         pos += size
     return Entries(*arrays)
@@ -243,7 +311,13 @@ def read_manifest(directory: Path) -> dict | None:
     except (ValueError, msgpack.UnpackException) as e:
         raise CorruptStore(f"{path}: {e}") from e
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise CorruptStore(f"{path}: unknown manifest format {manifest.get('format') if isinstance(manifest, dict) else '?'}")
+        found = manifest.get("format") if isinstance(manifest, dict) else "?"
+        raise CorruptStore(f"{path}: manifest format {found}, this mtlsp reads format {FORMAT}")
+    try:
+        for f in manifest["files"].values():
+            f["chunks"] = [ChunkRecord.from_msgpack(rec) for rec in f["chunks"]]
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
+        raise CorruptStore(f"{path}: {e}") from e
     return manifest
 
 

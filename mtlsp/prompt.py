@@ -3,16 +3,17 @@
 Three choices, each for a reason:
 
 - **Token healing.**  The prompt stops before the word being typed *and* the token before it;
-  those bytes become ``required``, which decoding must reproduce first (``decode.Constraint``).
+  those bytes become ``required``, which decoding must reproduce first (``Decoder.constraints``).
   A prompt cut mid-token (``self.pri|``) is a tokenization the model never saw in training;
   healed, the model chooses the tokenization itself.  A side benefit: while the user types
   inside one word the prompt's ids do not change, so the cached model state is reused whole.
 - **A window with stable edges.**  The prefix starts at a line boundary rounded to a block of
   lines, and tokens beyond the budget are dropped in blocks, so successive keystrokes keep the
   same start and share their prompt with the previous request.
-- **Fill-in-the-middle** (``<|fim_prefix|> P <|fim_suffix|> S <|fim_middle|>``, the order the
-  model was trained on) when there is code after the cursor, so the completion fits what
-  follows; a plain left-to-right prompt otherwise.
+- **Left to right, behind the file header.**  The base was pretrained on files behind a
+  ``<filename>path`` header and has no fill-in-the-middle tokens, so the prompt is the header
+  and the text before the cursor; the text after the cursor is used by the stop rules
+  (``stops.py``): a completion ends where it reaches that text, and never repeats it.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from mtlsp_model.tokenizer import CodeTokenizer
+from mtlsp_model.tokenizer import Tokenizer
 
 _WORD_TAIL = re.compile(r"\w*\Z")
 _LINE_BLOCK = 32  # the prefix starts at a multiple of this many lines
@@ -33,7 +34,6 @@ class Prompt:
     ids: list[int]
     required: bytes  # the healed bytes the completion must start with
     typed: str  # the part of the current word left of the cursor
-    fim: bool
 
 
 def word_before(line_prefix: str) -> str:
@@ -42,45 +42,38 @@ def word_before(line_prefix: str) -> str:
 
 
 def build(
-    tok: CodeTokenizer,
+    tok: Tokenizer,
     path: str,
     text: str,
     cursor: int,
     *,
     prefix_tokens: int,
-    suffix_tokens: int = 64,
-    fim: bool = True,
     preamble: Sequence[int] = (),
 ) -> Prompt:
     """The prompt for a completion at character ``cursor`` of ``text`` (the file at ``path``).
 
     ``preamble``: tokens read before the file, outside its budget; retrieval by prompt stuffing
     puts other files' snippets there (with their file headers, as files follow one another in
-    training documents).
+    the base's pretraining documents).
     """
     before = text[:cursor]
     line_start = before.rfind("\n") + 1
     typed = word_before(before[line_start:])
     head_end = cursor - len(typed)
     start = _window_start(text, head_end, chars=prefix_tokens * 8)
-    ids = (tok.file_header(path) if start == 0 else []) + tok.encode(text[start:head_end])
+    ids = tok.encode(text[start:head_end])
     if len(ids) > prefix_tokens:
         block = min(_TOKEN_BLOCK, max(1, prefix_tokens // 4))  # a small budget keeps most of it
         drop = -(-(len(ids) - prefix_tokens) // block) * block
         ids = ids[drop:]
     required = typed.encode("utf-8")
-    if ids and ids[-1] < tok.base:  # heal: let the model retokenize the last token and the word
+    if ids and not tok.is_special[ids[-1]]:  # heal: let the model retokenize the last token and the word
         required = tok.token_bytes[ids[-1]] + required
         ids = ids[:-1]
-    ids = [*preamble, *ids]
-    after = text[cursor : cursor + suffix_tokens * 8]
-    use_fim = fim and after.strip() != ""
-    if use_fim:
-        suffix = tok.encode(after)[:suffix_tokens]
-        ids = [tok.fim_prefix, *ids, tok.fim_suffix, *suffix, tok.fim_middle]
-    if not ids:
-        ids = tok.file_header(path)
-    return Prompt(ids, required, typed, use_fim)
+    # The header always leads: it says which file this is, and its first token is the
+    # attention sink the base expects at position 0.
+    ids = [*preamble, *tok.file_header(path), *ids]
+    return Prompt(ids, required, typed)
 
 
 def _window_start(text: str, end: int, chars: int) -> int:

@@ -1,50 +1,50 @@
 """The model's memory, answered by a workspace's ``MemoryStore``.
 
-The memorizing transformer asks its memory one batched question (``Memory.search``); this
-adapter turns the model's query tensor into a store search and the hits back into tensors, and
-keeps the last hits so that a completion can say which files and lines supported it.
+The memorizing transformer asks its memory one question per memory key/value head and layer
+(``Memory.search``); this adapter turns the model's query tensor into a store search of that
+head and the hits back into tensors.  Each hit's source is its file id and byte offset packed
+into one integer, so the decoder can hand back its evidence and a completion can say which
+files and lines supported it, even if the store changes in between (file ids never change
+meaning).
 """
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from mtlsp_model.memory import Retrieved
-from mtlsp_model.model import KV
 from torch import Tensor
 
-from .memory import Hits, MemoryStore
-from .memory_files import Entries, StoreError
+from .memory import MemoryStore
+from .memory_files import StoreError
+
+_OFFSET_BITS = 32
 
 
 class StoreMemory:
-    """``mtlsp_model.memory.Memory`` over a ``MemoryStore`` (one shared key/value head)."""
+    """``mtlsp_model.memory.Memory`` over a ``MemoryStore``."""
 
     def __init__(self, store: MemoryStore, hide: tuple[str, ...] = ()) -> None:
         self.store = store
         self.hide = hide  # files this view leaves out (evaluation: the file being scored)
-        self.last: Hits | None = None  # hits of the latest search, for provenance
 
     @torch.no_grad()
-    def search(self, queries: Tensor, k: int) -> Retrieved:
-        B, H, T, D = queries.shape
+    def search(self, slot: int, queries: Tensor, k: int) -> Retrieved:
+        B, G, T, D = queries.shape
         if D != self.store.dim:
             raise StoreError(f"model queries have {D} dims, the memory store holds {self.store.dim}")
-        hits = self.store.search(queries.detach().float().cpu().numpy().reshape(-1, D), k, hide=self.hide)
-        self.last = hits
-        shape = (B, H, T, k)
-        keys = torch.from_numpy(hits.keys).view(*shape, D).to(queries.device, queries.dtype)
-        values = torch.from_numpy(hits.values).view(*shape, D).to(queries.device, queries.dtype)
-        mask = torch.from_numpy(hits.mask).view(shape).to(queries.device)
-        return Retrieved(keys, values, mask)
-
-
-def entries_from_kv(kv: KV, offsets: np.ndarray) -> Entries:
-    """Storage entries from the model's ``encode`` output for one text, ``(1, 1, n, D)``."""
-    if kv.keys.shape[0] != 1 or kv.keys.shape[1] != 1:
-        raise StoreError(
-            f"the memory store holds one shared key/value head per token; got entries shaped {tuple(kv.keys.shape)}"
+        q = queries.detach().float().cpu().numpy().reshape(-1, D)
+        hits = self.store.search_head(slot, q, k, hide=self.hide)
+        shape = (B, G, T, k)
+        mask = torch.from_numpy(hits.slots >= 0)
+        source = torch.from_numpy((hits.file_ids.astype("int64") << _OFFSET_BITS) | hits.offsets.astype("int64"))
+        return Retrieved(
+            torch.from_numpy(hits.keys).view(*shape, D).to(queries.device, queries.dtype),
+            torch.from_numpy(hits.values).view(*shape, D).to(queries.device, queries.dtype),
+            mask.view(shape).to(queries.device),
+            torch.from_numpy(hits.tokens).view(shape).to(queries.device),
+            source.masked_fill(~mask, -1).view(shape),
         )
-    keys = kv.keys[0, 0].float().cpu().numpy()
-    values = kv.values[0, 0].float().cpu().numpy()
-    return Entries.from_float(keys, values, offsets)
+
+    def where(self, source: int) -> tuple[str, int]:
+        """(path, byte offset) of a hit's ``source``."""
+        return self.store.path_of(source >> _OFFSET_BITS), source & ((1 << _OFFSET_BITS) - 1)

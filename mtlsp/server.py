@@ -76,10 +76,12 @@ class _Protocol(LanguageServerProtocol):
 
 
 class MtlspServer(LanguageServer):
-    def __init__(self, weights: Path | None, device: str | None, cache_dir: str | None) -> None:
+    def __init__(self, weights: Path | None, device: str | None, cache_dir: str | None,
+                 base: str | None = None) -> None:
         super().__init__("mtlsp", __version__, text_document_sync_kind=t.TextDocumentSyncKind.Incremental,
                          protocol_cls=_Protocol)
         self.weights = weights
+        self.base = base
         self.settings = Settings(device=device or "auto", store_path=cache_dir)
         self.engine: Engine | None = None
         self.engine_error: str | None = None
@@ -127,7 +129,7 @@ class MtlspServer(LanguageServer):
     def start(self) -> None:
         """Load the model and open every folder's store; runs off the event loop."""
         try:
-            self.engine = Engine.load(self.weights, self.settings.device)
+            self.engine = Engine.load(self.weights, self.settings.device, self.base)
             self.engine_error = None
         except WeightsError as e:
             self.engine, self.engine_error = None, str(e)
@@ -296,7 +298,9 @@ class MtlspServer(LanguageServer):
             "version": __version__,
             "model": None if e is None else {
                 "fingerprint": e.loaded.fingerprint, "parameters": e.loaded.model.num_params(),
-                "weights": str(e.weights) if e.weights else "shipped", "config": e.loaded.config.to_dict()},
+                "trainedParameters": e.loaded.model.num_params(trained_only=True),
+                "weights": str(e.weights) if e.weights else "shipped", "base": e.loaded.info["base_source"],
+                "memoryTrained": e.loaded.trained, "config": e.loaded.config.to_dict()},
             "modelError": self.engine_error,
             "device": str(e.device) if e else None,
             "folders": folders,
@@ -315,8 +319,9 @@ def markdown_support(support: list[Support]) -> str:
     return f"Supported by the project memory:\n{rows}"
 
 
-def build_server(weights: Path | None = None, device: str | None = None, cache_dir: str | None = None) -> MtlspServer:
-    server = MtlspServer(weights, device, cache_dir)
+def build_server(weights: Path | None = None, device: str | None = None, cache_dir: str | None = None,
+                 base: str | None = None) -> MtlspServer:
+    server = MtlspServer(weights, device, cache_dir, base)
 
     @server.feature(t.INITIALIZE)
     def initialize(ls: MtlspServer, params: t.InitializeParams) -> None:

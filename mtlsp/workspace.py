@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from mtlsp_model.runtime import for_inference
 from mtlsp_model.weights import Loaded, load_weights
 
 from .complete import Completer, Recall
@@ -28,10 +29,24 @@ from .encode import Encoder
 from .indexer import Indexer, Progress, Report
 from .memory import MemoryStore, StoreOptions
 from .retrieval import StoreMemory
+from .scan import ScanOptions
 from .settings import Settings
 from .watch import Watcher
 
 log = logging.getLogger("mtlsp.workspace")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is CUDA where torch sees it, else the CPU; ``cuda`` without CUDA warns and uses
+    the CPU (a settings file shared between machines must not stop the server)."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        log.warning("device 'cuda' asked for, but torch sees no CUDA device: using the CPU")
+        name = "cpu"
+    if name not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device {name!r} (auto, cpu or cuda)")
+    return torch.device(name)
 
 
 class Engine:
@@ -48,15 +63,25 @@ class Engine:
         return Completer(self.decoder, prefix_tokens=context_tokens)
 
     @classmethod
-    def load(cls, weights: Path | None, device: str) -> Engine:
-        """Raises ``WeightsError`` (a clear message) for a missing or corrupt weights directory."""
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device == "cuda" and not torch.cuda.is_available():
-            log.warning("device 'cuda' asked for, but torch sees no CUDA device: using the CPU")
-            device = "cpu"
-        dev = torch.device(device)
-        return cls(load_weights(weights, device=dev), dev, weights)
+    def load(cls, weights: Path | None, device: str, base: str | None = None) -> Engine:
+        """Raises ``WeightsError`` (a clear message) for missing or corrupt weights or base.
+
+        The base is fetched and converted on first use; its messages go to the log, never to
+        stdout (the language server's channel).
+        """
+        dev = resolve_device(device)
+        loaded = load_weights(weights, base=base, echo=log.warning)
+        for_inference(loaded.model, dev)
+        return cls(loaded, dev, weights)
+
+    def open_memory(self, root: Path, *, cap_tokens: int, cache_root: str | Path | None = None,
+                    scan: ScanOptions | None = None, ann_background: bool = True) -> tuple[MemoryStore, Indexer]:
+        """A folder's store (refused and rebuilt if another model wrote it) and its indexer."""
+        options = StoreOptions(cap_tokens=cap_tokens, device=self.device.type, ann_background=ann_background)
+        cfg = self.loaded.config
+        store = MemoryStore.open(root, fingerprint=self.loaded.store_fingerprint, heads=len(cfg.memory_kv_heads),
+                                 dim=cfg.head_dim, cache_root=cache_root, options=options)
+        return store, Indexer(root, store, self.encoder, scan=scan)
 
 
 @dataclass
@@ -73,11 +98,8 @@ class Folder:
         self.root = root.resolve()
         self.engine = engine
         self.texts = texts
-        options = StoreOptions(cap_tokens=settings.memory_cap)
-        self.store = MemoryStore.open(self.root, fingerprint=engine.loaded.fingerprint,
-                                      dim=engine.loaded.config.head_dim, cache_root=settings.store_path,
-                                      options=options)
-        self.indexer = Indexer(self.root, self.store, engine.encoder)
+        self.store, self.indexer = engine.open_memory(self.root, cap_tokens=settings.memory_cap,
+                                                      cache_root=settings.store_path)
         self.recall = Recall(StoreMemory(self.store), self.line_of)
         self.state = IndexState()
         self.debounce = settings.debounce_ms / 1000

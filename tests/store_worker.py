@@ -8,6 +8,7 @@ that every file holds exactly the version its manifest record names.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import sys
 import zlib
@@ -17,16 +18,21 @@ import numpy as np
 from mtlsp.memory import FileUpdate, MemoryStore, NewChunk, StoreOptions
 from mtlsp.memory_files import Entries
 
-DIM = 16
+HEADS, DIM = 3, 16
 FINGERPRINT = "worker-model"
 
 
 def entries_for(path: str, version: int) -> Entries:
     rng = np.random.default_rng(zlib.crc32(f"{path}@{version}".encode()))
     n = int(rng.integers(1, 300))
-    keys = rng.standard_normal((n, DIM))
-    keys /= np.linalg.norm(keys, axis=1, keepdims=True)
-    return Entries.from_float(keys, rng.standard_normal((n, DIM)), np.arange(n) * 4)
+    keys = rng.standard_normal((n, HEADS, DIM)) * rng.uniform(0.5, 4.0, (n, HEADS, 1))
+    values = rng.standard_normal((n, HEADS, DIM))
+    return Entries.from_float(keys, values, rng.integers(0, 49_152, n), np.arange(n) * 4)
+
+
+def names_for(path: str, version: int, row: int) -> tuple[str, ...]:
+    """The names a chunk defines: also a pure function of where it is, so they can be checked."""
+    return (f"n{version}_{row}", f"{path.replace('/', '_').replace('.', '_')}_{row}")
 
 
 def put(path: str, version: int) -> FileUpdate:
@@ -37,13 +43,13 @@ def put(path: str, version: int) -> FileUpdate:
     for a, b in itertools.pairwise(cuts):
         if b > a:
             part = e.take(a, b)
-            part = Entries(part.keys, part.values, part.scales, part.offsets - np.uint32(4 * a))
-            chunks.append(NewChunk(4 * a, 4 * b, f"{version}:{a}", part))
+            part = dataclasses.replace(part, offsets=part.offsets - np.uint32(4 * a))
+            chunks.append(NewChunk(4 * a, 4 * b, f"{version}:{a}", part, names_for(path, version, a)))
     return FileUpdate(path, f"v{version}", chunks)
 
 
 def open_store(directory: str, **options) -> MemoryStore:
-    return MemoryStore(directory, fingerprint=FINGERPRINT, dim=DIM,
+    return MemoryStore(directory, fingerprint=FINGERPRINT, heads=HEADS, dim=DIM,
                        options=StoreOptions(refresh_interval=0.0, on_invalid="raise", **options))
 
 

@@ -1,5 +1,6 @@
-"""The parts of a completion: the prompt (token healing, window, FIM), where a completion stops
-(scope, Stopper, finish), and incremental decoding (Decoder, token constraints)."""
+"""The parts of a completion: the prompt (token healing, window, file header), where a completion
+stops (scope, Stopper, finish), incremental decoding with evidence (Decoder, token constraints),
+and provenance from that evidence."""
 
 from __future__ import annotations
 
@@ -7,16 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
+from conftest import random_model, tiny_config
 from mtlsp import prompt
-from mtlsp.decode import Decoder, common_prefix
+from mtlsp.decode import Decoder, Evidence, common_prefix
 from mtlsp.stops import Stopper, finish, scope
 from mtlsp_model.memory import TensorMemory
-from mtlsp_model.model import MemorizingTransformer
 
 REPO = Path(__file__).resolve().parent.parent
-LONG_TEXT = (REPO / "model" / "model.py").read_text()  # a long real source file (300+ lines)
+LONG_TEXT = (REPO / "mtlsp" / "server.py").read_text()  # a long real source file (500+ lines)
 
 SMALL = "import os\n\n\ndef total(order):\n    return order.pricing.com"
 
@@ -24,23 +24,17 @@ SMALL = "import os\n\n\ndef total(order):\n    return order.pricing.com"
 # --------------------------------------------------------------------------- helpers
 
 
-def split_prompt(tok, p: prompt.Prompt) -> tuple[list[int], list[int]]:
-    """(prefix ids, suffix ids) of a prompt, with the FIM sentinels removed."""
-    ids = p.ids
-    if not p.fim:
-        assert tok.fim_prefix not in ids and tok.fim_suffix not in ids and tok.fim_middle not in ids
-        return list(ids), []
-    assert ids[0] == tok.fim_prefix and ids[-1] == tok.fim_middle
-    assert ids.count(tok.fim_prefix) == ids.count(tok.fim_suffix) == ids.count(tok.fim_middle) == 1
-    s = ids.index(tok.fim_suffix)
-    return ids[1:s], ids[s + 1 : -1]
-
-
-def check_healed_from_start(tok, path: str, text: str, cursor: int, p: prompt.Prompt) -> None:
-    """For a window starting at 0: header, then the text, then the healed bytes, exactly."""
-    prefix, _ = split_prompt(tok, p)
+def body(tok, path: str, p: prompt.Prompt) -> list[int]:
+    """The prompt's ids after its file header (which always leads)."""
     header = tok.file_header(path)
-    assert tok.decode_bytes(prefix) + p.required == tok.decode_bytes(header) + text[:cursor].encode()
+    assert p.ids[: len(header)] == header
+    return p.ids[len(header):]
+
+
+def check_healed(tok, path: str, text: str, cursor: int, p: prompt.Prompt) -> None:
+    """The text part of the prompt, then the healed bytes, end exactly at the cursor."""
+    kept = tok.decode_bytes(body(tok, path, p)) + p.required
+    assert text[:cursor].encode().endswith(kept)
     assert p.required.endswith(p.typed.encode())
 
 
@@ -60,23 +54,21 @@ def test_healing_drops_word_and_token_before(tok):
     path = "src/shop.py"
     cursor = len(SMALL)
     p = prompt.build(tok, path, SMALL, cursor, prefix_tokens=200)
-    assert not p.fim and p.typed == "com"
-    header = tok.file_header(path)
-    body = tok.encode(SMALL[: cursor - len("com")])
+    assert p.typed == "com"
+    text = tok.encode(SMALL[: cursor - len("com")])
     # the prompt is the header and the text before the word, less its last token ...
-    assert p.ids == header + body[:-1]
+    assert p.ids == tok.file_header(path) + text[:-1]
     # ... whose bytes, with the typed word, must be written first
-    assert p.required == tok.token_bytes[body[-1]] + b"com"
-    assert p.ids[: len(header)] == header  # the header leads when the window starts at 0
-    check_healed_from_start(tok, path, SMALL, cursor, p)
+    assert p.required == tok.token_bytes[text[-1]] + b"com"
+    check_healed(tok, path, SMALL, cursor, p)
 
 
 @pytest.mark.parametrize("cut", [0, 1, 5, 12, 20, len(SMALL) - 3, len(SMALL)])
 def test_healing_round_trips_at_any_cursor(tok, cut):
     text = SMALL + "\n"
-    for fim in (False, True):
-        p = prompt.build(tok, "a.py", text, cut, prefix_tokens=200, fim=fim)
-        check_healed_from_start(tok, "a.py", text, cut, p)
+    p = prompt.build(tok, "a.py", text, cut, prefix_tokens=200)
+    check_healed(tok, "a.py", text, cut, p)
+    assert tok.decode_bytes(body(tok, "a.py", p)) + p.required == text[:cut].encode()  # from the start
 
 
 def test_ids_stable_while_typing_one_word(tok):
@@ -89,65 +81,37 @@ def test_ids_stable_while_typing_one_word(tok):
                                             for w in ("", "c", "co", "com", "compute")]
 
 
-def test_ids_stable_while_typing_with_text_after(tok):
-    # FIM prompts too: the suffix does not change while typing, neither do the ids
-    base = SMALL[: -len("com")]
-    after = "\n\nprint(total(None))\n"
-    ps = [prompt.build(tok, "a.py", base + w + after, len(base + w), prefix_tokens=200)
-          for w in ("c", "co", "com")]
-    assert all(p.fim for p in ps)
-    assert ps[0].ids == ps[1].ids == ps[2].ids
-
-
-def test_fim_only_when_code_follows(tok):
+def test_text_after_the_cursor_is_not_in_the_prompt(tok):
+    """The base has no fill-in-the-middle tokens: what follows the cursor is for the stop rules."""
     head = "def f(x):\n    return x."
-    after = "\n\ny = f(3)\n"
-    text = head + after
-    p = prompt.build(tok, "a.py", text, len(head), prefix_tokens=200, suffix_tokens=64)
-    assert p.fim
-    prefix, suffix = split_prompt(tok, p)
-    assert suffix == tok.encode(after)[:64]
-    check_healed_from_start(tok, "a.py", text, len(head), p)
-
-    blank = head + "\n   \n\t\n"
-    q = prompt.build(tok, "a.py", blank, len(head), prefix_tokens=200)
-    assert not q.fim
-    split_prompt(tok, q)  # asserts no sentinel at all
-    assert q.ids == prefix  # the same left part as with FIM
-
-    r = prompt.build(tok, "a.py", text, len(head), prefix_tokens=200, fim=False)
-    assert not r.fim and r.ids == prefix and r.required == p.required
-
-
-def test_fim_suffix_budget(tok):
-    cursor = 2000
-    p = prompt.build(tok, "model.py", LONG_TEXT, cursor, prefix_tokens=100, suffix_tokens=20)
-    _, suffix = split_prompt(tok, p)
-    assert len(suffix) == 20
-    assert suffix == tok.encode(LONG_TEXT[cursor : cursor + 160])[:20]
+    p = prompt.build(tok, "a.py", head + "\n\ny = f(3)\n", len(head), prefix_tokens=200)
+    q = prompt.build(tok, "a.py", head, len(head), prefix_tokens=200)
+    assert p.ids == q.ids and p.required == q.required
 
 
 @pytest.mark.parametrize("budget", [64, 100, 300])
-@pytest.mark.parametrize("fim", [False, True])
-def test_prefix_budget_honoured(tok, budget, fim):
+def test_prefix_budget_honoured(tok, budget):
     cursor = LONG_TEXT.rindex("\n", 0, len(LONG_TEXT) - 500) + 9  # well into the file
-    p = prompt.build(tok, "model.py", LONG_TEXT, cursor, prefix_tokens=budget, fim=fim)
-    prefix, _ = split_prompt(tok, p)
-    assert len(prefix) <= budget
+    p = prompt.build(tok, "server.py", LONG_TEXT, cursor, prefix_tokens=budget)
+    text = body(tok, "server.py", p)
+    assert len(text) <= budget
     # dropped in blocks of 64 tokens, one more healed: the budget is used, not wasted
-    assert len(prefix) >= budget - 64 - 1
-    # what is kept is the text just before the cursor, whole tokens dropped from the front
-    kept = tok.decode_bytes(prefix) + p.required
-    assert LONG_TEXT[:cursor].encode().endswith(kept)
-    assert tok.file not in prefix  # the window does not start at 0: no header
+    assert len(text) >= budget - 64 - 1
+    check_healed(tok, "server.py", LONG_TEXT, cursor, p)
+
+
+def test_preamble_comes_before_the_header(tok):
+    pre = tok.file_header("other.py") + tok.encode("def helper():\n    pass\n")
+    p = prompt.build(tok, "a.py", SMALL, len(SMALL), prefix_tokens=200, preamble=pre)
+    plain = prompt.build(tok, "a.py", SMALL, len(SMALL), prefix_tokens=200)
+    assert p.ids == pre + plain.ids and p.required == plain.required
 
 
 def test_small_prefix_budget_keeps_text_before_cursor(tok):
-    text = "total = price * count\n" * 3 + "print(tot"  # 49 prompt tokens with the header
-    p = prompt.build(tok, "a.py", text, len(text), prefix_tokens=40)
-    prefix, _ = split_prompt(tok, p)
-    assert len(prefix) <= 40
-    assert (tok.decode_bytes(prefix) + p.required).endswith(b"print(tot")
+    text = "total = price * count\n" * 3 + "print(tot"
+    p = prompt.build(tok, "a.py", text, len(text), prefix_tokens=10)
+    assert len(body(tok, "a.py", p)) <= 10
+    assert (tok.decode_bytes(body(tok, "a.py", p)) + p.required).endswith(b"print(tot")
 
 
 def test_window_starts_at_a_block_of_lines():
@@ -167,9 +131,8 @@ def test_window_start_stable_while_typing(tok):
     prompts = []
     for k in range(len(typed) + 1):
         text = LONG_TEXT[:at] + typed[:k] + LONG_TEXT[at:]
-        prompts.append(prompt.build(tok, "model.py", text, at + k, prefix_tokens=200))
+        prompts.append(prompt.build(tok, "server.py", text, at + k, prefix_tokens=200))
     first = prompts[0].ids
-    assert all(p.fim for p in prompts)
     for p in prompts[1:]:
         assert common_prefix(first, p.ids) >= 150
 
@@ -177,10 +140,11 @@ def test_window_start_stable_while_typing(tok):
 @pytest.mark.parametrize("cursor_offset", [0, 1, 3, 7])
 def test_window_start_stable_a_few_chars_apart(tok, cursor_offset):
     c = 8000
-    a = prompt.build(tok, "model.py", LONG_TEXT, c, prefix_tokens=200, fim=False)
-    b = prompt.build(tok, "model.py", LONG_TEXT, c + cursor_offset, prefix_tokens=200, fim=False)
+    a = prompt.build(tok, "server.py", LONG_TEXT, c, prefix_tokens=200)
+    b = prompt.build(tok, "server.py", LONG_TEXT, c + cursor_offset, prefix_tokens=200)
+    header = len(tok.file_header("server.py"))
     # tokens are dropped in blocks of 50 from a 200 budget, one more is healed away: >= 150 kept
-    assert min(len(a.ids), len(b.ids)) >= 150
+    assert min(len(a.ids), len(b.ids)) >= 150 + header
     assert common_prefix(a.ids, b.ids) >= min(len(a.ids), len(b.ids)) - 2
 
 
@@ -191,17 +155,14 @@ def test_window_start_stable_a_few_chars_apart(tok, cursor_offset):
 def test_non_ascii_round_trips(tok, text):
     for cursor in range(len(text) + 1):
         p = prompt.build(tok, "ünï.py", text, cursor, prefix_tokens=200)
-        check_healed_from_start(tok, "ünï.py", text, cursor, p)
-        if p.fim:
-            _, suffix = split_prompt(tok, p)
-            assert tok.decode(suffix) == text[cursor:]
+        check_healed(tok, "ünï.py", text, cursor, p)
 
 
 def test_healed_bytes_may_split_a_character(tok):
     # a multi-byte character split over tokens: the prompt and the healed bytes still join up
     text = "x = '😀😀😀'"
     p = prompt.build(tok, "a.py", text, len(text) - 1, prefix_tokens=200)
-    check_healed_from_start(tok, "a.py", text, len(text) - 1, p)
+    check_healed(tok, "a.py", text, len(text) - 1, p)
     assert p.typed == "" and p.required
 
 
@@ -380,82 +341,78 @@ def test_finish_trims_blanks():
 
 
 @pytest.fixture()
-def model(tiny_cfg):
-    torch.manual_seed(0)
-    return MemorizingTransformer(tiny_cfg).eval()
+def model(tok):
+    return random_model(tiny_config(tok.vocab_size), seed=0)
 
 
 @pytest.fixture()
 def decoder(model, tok):
-    return Decoder(model, tok)
+    return Decoder(model, tok, window=256, chunk=16)
 
 
 def rand_ids(tok, n: int, seed: int = 1) -> list[int]:
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, tok.base, (n,), generator=g).tolist()
+    return torch.randint(len(tok.specials), tok.vocab_size, (n,), generator=g).tolist()
 
 
 def full_logits(model, ids, memory=None):
     with torch.no_grad():
-        return torch.log_softmax(model(torch.tensor([ids]), memory=memory).logits[0, -1], -1)
+        return model(torch.tensor([ids]), memory=memory).logits[0, -1]
 
 
 def close(a, b, tol=1e-4):
     return torch.allclose(a, b, atol=tol, rtol=0)
 
 
-@pytest.mark.parametrize("n", [1, 2, 7, 16])
+def a_memory(model, tok, seed: int = 3) -> TensorMemory:
+    ids = torch.tensor([rand_ids(tok, 40, seed)])
+    e = model.encode(ids)
+    return TensorMemory(e.keys[0], e.values[0], ids[0], torch.arange(40) // 10)
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 16, 40])
 def test_prefill_matches_forward(decoder, model, tok, n):
     ids = rand_ids(tok, n)
-    ctx = decoder.prefill(ids, None)
+    ctx = decoder.prefill(ids, None)  # 40 tokens are read in chunks of 16
     assert ctx.ids == ids
     assert ctx.logits.shape == (tok.vocab_size,)
     assert close(ctx.logits, full_logits(model, ids))
     assert all(k.shape[2] == n and v.shape[2] == n for k, v in ctx.kv)
+    assert ctx.evidence is None  # no memory, no evidence
 
 
-def test_prefill_with_memory_matches_forward(decoder, model, tok, tiny_cfg):
-    mem = TensorMemory(1, 64, tiny_cfg.mem_kv_heads, tiny_cfg.head_dim)
-    g = torch.Generator().manual_seed(3)
-    mem.add(F.normalize(torch.randn(1, tiny_cfg.mem_kv_heads, 20, tiny_cfg.head_dim, generator=g), dim=-1),
-            torch.randn(1, tiny_cfg.mem_kv_heads, 20, tiny_cfg.head_dim, generator=g))
+def test_prefill_with_memory_matches_forward_and_returns_its_evidence(decoder, model, tok):
+    mem = a_memory(model, tok)
     ids = rand_ids(tok, 10)
     with_mem = decoder.prefill(ids, mem)
     assert close(with_mem.logits, full_logits(model, ids, mem))
     assert not close(with_mem.logits, full_logits(model, ids))  # the memory made a difference
-    # and one step with memory matches the forward pass over the longer prompt
+    ev = with_mem.evidence
+    M, k = len(model.cfg.memory_heads), model.cfg.knn_k
+    assert ev.weights.shape == ev.sources.shape == (M, k)
+    assert ((ev.sources >= 0) & (ev.sources < len(mem))).all()
+    assert (ev.weights >= 0).all() and (ev.weights.sum(-1) <= 1 + 1e-5).all()
+    # one step with memory matches the forward pass over the longer prompt
     nxt = decoder.step([with_mem], [ids[0]], mem)[0]
     assert close(nxt.logits, full_logits(model, ids + [ids[0]], mem))
+    assert nxt.evidence is not None and not torch.equal(nxt.evidence.weights, ev.weights)
 
 
-def test_prefill_two_chunks_matches_step_by_step(decoder, model, tok, tiny_cfg):
-    n = 2 * tiny_cfg.seq_len - 5
-    ids = rand_ids(tok, n)
-    whole = decoder.prefill(ids, None)
-    ctx = decoder.prefill(ids[:1], None)
-    for t in ids[1:]:
-        ctx = decoder.step([ctx], [t], None)[0]
-    assert ctx.ids == ids
-    assert close(whole.logits, ctx.logits)
-    for (k1, v1), (k2, v2) in zip(whole.kv, ctx.kv, strict=True):
-        assert k1.shape[2] == n and torch.allclose(k1, k2, atol=1e-5) and torch.allclose(v1, v2, atol=1e-5)
-    # and the training-time reading: the second segment over the first one's XL cache
-    with torch.no_grad():
-        s = tiny_cfg.seq_len
-        first = model(torch.tensor([ids[:s]]))
-        second = model(torch.tensor([ids[s:]]), cache=first.cache)
-    assert close(whole.logits, torch.log_softmax(second.logits[0, -1], -1))
-
-
-def test_prefill_reuses_context(decoder, tok):
+def test_prefill_reuses_context(decoder, model, tok):
     ids = rand_ids(tok, 20)
     ctx = decoder.prefill(ids[:17], None)
     kept = ctx.logits.clone()
     longer = decoder.prefill(ids, None, reuse=ctx)
-    assert decoder.last_width == 3  # only the three new tokens were read
     assert close(longer.logits, decoder.prefill(ids, None).logits)
     assert torch.equal(ctx.logits, kept) and ctx.ids == ids[:17]  # the old context is intact
     assert all(k.shape[2] == 17 for k, _ in ctx.kv)
+    # only the three new tokens were read: a model whose layers fail on more would still answer
+    calls = []
+    original = model.forward
+    model.forward = lambda idx, **kw: calls.append(idx.shape[1]) or original(idx, **kw)
+    decoder.prefill(ids, None, reuse=ctx)
+    model.forward = original
+    assert calls == [3]
 
 
 def test_prefill_reuse_after_divergence_and_shortening(decoder, tok):
@@ -465,7 +422,6 @@ def test_prefill_reuse_after_divergence_and_shortening(decoder, tok):
     got = decoder.prefill(other, None, reuse=ctx)
     assert close(got.logits, decoder.prefill(other, None).logits)
     shorter = decoder.prefill(ids[:9], None, reuse=ctx)  # a prefix of the cached prompt
-    assert decoder.last_width == 1
     assert close(shorter.logits, decoder.prefill(ids[:9], None).logits)
 
 
@@ -475,23 +431,25 @@ def test_prefill_identical_ids_returns_same_context(decoder, tok):
     assert decoder.prefill(list(ids), None, reuse=ctx) is ctx
 
 
-def test_step_batch_matches_single_steps(decoder, tok):
-    a = decoder.prefill(rand_ids(tok, 8, seed=1), None)
-    b = decoder.prefill(rand_ids(tok, 8, seed=2), None)
-    batched = decoder.step([a, b], [5, 77], None)
-    singles = [decoder.step([a], [5], None)[0], decoder.step([b], [77], None)[0]]
+def test_step_batch_matches_single_steps(decoder, model, tok):
+    mem = a_memory(model, tok)
+    a = decoder.prefill(rand_ids(tok, 8, seed=1), mem)
+    b = decoder.prefill(rand_ids(tok, 8, seed=2), mem)
+    batched = decoder.step([a, b], [50, 77], mem)
+    singles = [decoder.step([a], [50], mem)[0], decoder.step([b], [77], mem)[0]]
     for got, want in zip(batched, singles, strict=True):
         assert got.ids == want.ids
         assert close(got.logits, want.logits)
+        assert torch.equal(got.evidence.sources, want.evidence.sources)  # each row keeps its own
         for (k1, v1), (k2, v2) in zip(got.kv, want.kv, strict=True):
             assert k1.shape == k2.shape and torch.allclose(k1, k2, atol=1e-5)
             assert torch.allclose(v1, v2, atol=1e-5)
-    assert batched[0].ids == a.ids + [5] and a.ids == rand_ids(tok, 8, seed=1)
+    assert batched[0].ids == a.ids + [50] and a.ids == rand_ids(tok, 8, seed=1)
     # contexts of different lengths go one by one, with the same answers
-    c = decoder.prefill(rand_ids(tok, 5, seed=3), None)
-    mixed = decoder.step([a, c], [5, 9], None)
+    c = decoder.prefill(rand_ids(tok, 5, seed=3), mem)
+    mixed = decoder.step([a, c], [50, 9], mem)
     assert close(mixed[0].logits, singles[0].logits)
-    assert close(mixed[1].logits, decoder.step([c], [9], None)[0].logits)
+    assert close(mixed[1].logits, decoder.step([c], [9], mem)[0].logits)
 
 
 def test_window_limits(decoder, tok):
@@ -503,7 +461,7 @@ def test_window_limits(decoder, tok):
     full = decoder.prefill(rand_ids(tok, w), None)
     assert len(full.ids) == w
     with pytest.raises(ValueError):
-        decoder.step([full], [1], None)
+        decoder.step([full], [20], None)
 
 
 def test_common_prefix():
@@ -515,13 +473,13 @@ def test_common_prefix():
 
 def _brute_allowed(tok, required: bytes) -> set[int]:
     return {
-        i for i, b in enumerate(tok.token_bytes[: tok.base])
+        i for i, b in enumerate(tok.token_bytes)
         if b and (b.startswith(required) or (len(b) < len(required) and required.startswith(b)))
     }
 
 
 def test_allowed_matches_brute_force(decoder, tok):
-    table = tok.token_bytes[: tok.base]
+    table = tok.token_bytes
     queries = {b"ab", b"", b"self", b"self.assertEqual(", b"def ", b"\n    ", b"zzzz", b"\xff",
                b"\xff\xff", b"a\xff", b"\xfe\xff", b"\x00", b"\xc3\xa9", b"\xf0\x9f"}
     queries |= {bytes([c]) for c in range(256)}
@@ -543,7 +501,7 @@ def test_mask_matches_allowed(decoder, tok):
     ok = set(decoder.constraints.allowed(b"se"))
     assert ok == {i for i in range(tok.vocab_size) if m[i] == 0}
     assert all(m[i] == float("-inf") for i in range(tok.vocab_size) if i not in ok)
-    assert m[tok.fim_middle] == float("-inf") and m[tok.eot] == float("-inf")
+    assert m[tok.filename] == float("-inf") and m[tok.eot] == float("-inf")
 
 
 def test_bracket_block_keeps_its_own_closer_when_the_one_after_belongs_to_an_outer_block():
@@ -556,22 +514,21 @@ def test_bracket_block_keeps_its_own_closer_when_the_one_after_belongs_to_an_out
     assert st.cut("\n    g();\n  }\n") == len("\n    g();")
 
 
-def test_support_is_the_memory_softmax_per_head_grouped_by_line():
-    import numpy as np
+def test_support_sums_memory_attention_per_line():
+    from mtlsp.complete import Recall, support
 
-    from mtlsp.complete import support
-    from mtlsp.memory import Hits
+    class Where:  # sources are (file id << 32 | byte offset), as the store adapter packs them
+        @staticmethod
+        def where(src: int) -> tuple[str, int]:
+            return ("a.py", src & 0xFFFFFFFF) if src >> 32 == 0 else ("b.py", src & 0xFFFFFFFF)
 
-    H, T, k = 2, 2, 2  # rows 1 and 3: head 0 and head 1 (not row % H)
-    nq = H * T
-    scores = np.zeros((nq, k), np.float32)
-    scores[0 * T + 1] = [1.0, 0.0]  # head 0, last position: entry a (line 1) vs b (line 2)
-    slots = np.zeros((nq, k), np.int64)
-    slots[1 * T + 1, 1] = -1  # head 1 found one entry only
-    offsets = np.tile(np.array([0, 10]), (nq, 1))
-    hits = Hits(scores, slots, np.zeros((nq, k, 4), np.float32), np.zeros((nq, k, 4), np.float32),
-                np.zeros((nq, k), np.int32), offsets, ["a.py"])
-    scale = np.array([np.log(3.0), 5.0])  # head 0: e^(1*ln 3) = 3 : 1 -> 0.75 / 0.25
-    got = support(((hits, (0 * T + 1, 1 * T + 1), T),), scale, lambda path, off: 1 + off // 10)
-    weights = {s.line: s.weight for s in got}
-    assert weights[1] == pytest.approx((0.75 + 1.0) / 2) and weights[2] == pytest.approx(0.25 / 2)
+    b = 1 << 32
+    first = Evidence(torch.tensor([[0.6, 0.2], [0.1, 0.0]]), torch.tensor([[0, 10], [b + 5, -1]]))
+    second = Evidence(torch.tensor([[0.3, 0.1], [0.0, 0.0]]), torch.tensor([[12, 0], [-1, -1]]))
+    got = support([first, None, second], Recall(Where(), lambda path, off: 1 + off // 10))
+    weights = {(s.path, s.line): s.weight for s in got}
+    total = 0.6 + 0.2 + 0.1 + 0.3 + 0.1
+    assert weights[("a.py", 1)] == pytest.approx((0.6 + 0.1) / total)  # offset 0 twice
+    assert weights[("a.py", 2)] == pytest.approx((0.2 + 0.3) / total)  # offsets 10 and 12
+    assert weights[("b.py", 1)] == pytest.approx(0.1 / total)
+    assert [s.path for s in got][0] == "a.py" and len(got) == 3

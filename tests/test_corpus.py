@@ -7,9 +7,9 @@ from mtlsp_model.corpus import (
     build_documents,
     load_manifest,
     normalize_name,
+    corpus_manifest,
     refuse_trained_on,
 )
-from mtlsp_model.dataset import load_dataset, write_dataset
 
 
 def make_site_packages(root):
@@ -73,17 +73,14 @@ def test_custom_exclusion_and_checkout_root(tmp_path):
     assert [f.path for f in docs[-1].files] == ["myrepo/src/mypkg/__init__.py"]
 
 
-def test_manifest_and_refusal(tmp_path, tok):
+def test_manifest_and_refusal(tmp_path):
     root = make_site_packages(tmp_path / "site")
     docs, skipped = build_documents([root])
-    manifest = write_dataset(tmp_path / "data", docs, tok, roots=[str(root)], excluded=skipped, seed=0)
-    on_disk = load_manifest(tmp_path / "data" / "manifest.json")
-    assert on_disk == json.loads(json.dumps(manifest))
+    (tmp_path / "manifest.json").write_text(json.dumps(corpus_manifest(docs, [str(root)], skipped, ["pallets/flask"])))
+    on_disk = load_manifest(tmp_path / "manifest.json")
     by_name = {d["name"]: d for d in on_disk["documents"]}
     assert by_name["alpha"]["files"] == 6
     assert by_name["alpha"]["bytes"] == sum(len(f.text.encode()) for f in docs[0].files)
-    data = load_dataset(tmp_path / "data")
-    assert sum(d["tokens"] for d in on_disk["documents"]) == len(data.tokens) == on_disk["totals"]["tokens"]
     assert on_disk["excluded"] == ["Flask", "pydantic"]
 
     trained_on = tmp_path / "checkouts" / "alpha-repo"
@@ -99,14 +96,13 @@ def test_manifest_and_refusal(tmp_path, tok):
     refuse_trained_on(fresh, on_disk)  # excluded from training, so it may be evaluated
 
 
-def test_truncated_token_file_is_refused(tmp_path, tok):
-    root = make_site_packages(tmp_path / "site")
-    docs, skipped = build_documents([root])
-    write_dataset(tmp_path / "data", docs, tok, roots=[], excluded=skipped, seed=0)
-    tokens = tmp_path / "data" / "tokens.bin"
-    tokens.write_bytes(tokens.read_bytes()[:-4])
-    with pytest.raises(ValueError, match="truncated"):
-        load_dataset(tmp_path / "data")
+def test_corrupt_manifest_is_named(tmp_path):
+    bad = tmp_path / "manifest.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_manifest(bad)
+    with pytest.raises(FileNotFoundError, match="missing"):
+        load_manifest(tmp_path / "absent.json")
 
 
 def test_normalize_name():

@@ -177,11 +177,9 @@ def test_query_is_the_lines_before_the_cursor():
 
 def test_prompt_preamble_goes_before_the_file_outside_its_budget(tok):
     text = "def f(x):\n    return x\n" * 40
-    plain = prompt.build(tok, "m.py", text, len(text), prefix_tokens=32, fim=False)
-    stuffed = prompt.build(tok, "m.py", text, len(text), prefix_tokens=32, fim=False, preamble=[7, 8, 9])
+    plain = prompt.build(tok, "m.py", text, len(text), prefix_tokens=32)
+    stuffed = prompt.build(tok, "m.py", text, len(text), prefix_tokens=32, preamble=[7, 8, 9])
     assert stuffed.ids == [7, 8, 9, *plain.ids] and stuffed.required == plain.required
-    fim = prompt.build(tok, "m.py", text + "tail\n", len(text), prefix_tokens=32, preamble=[7, 8])
-    assert fim.ids[:3] == [tok.fim_prefix, 7, 8]
 
 
 def test_jedi_lists_the_cross_file_name(tmp_path):
@@ -218,27 +216,27 @@ def test_fresh_names_modules_and_caller(tmp_path):
 # ---------------------------------------------------------------- the store
 
 
-DIM = 8
+HEADS, DIM = 3, 8
 
 
 def _entries(rng, n):
-    keys = rng.standard_normal((n, DIM))
-    keys /= np.linalg.norm(keys, axis=1, keepdims=True)
-    return Entries.from_float(keys, rng.standard_normal((n, DIM)), np.arange(n) * 3)
+    keys = rng.standard_normal((n, HEADS, DIM))
+    keys *= (1.0 + np.arange(HEADS))[:, None] / np.linalg.norm(keys, axis=2, keepdims=True)  # a norm per head
+    return Entries.from_float(keys, rng.standard_normal((n, HEADS, DIM)), rng.integers(0, 1000, n), np.arange(n) * 3)
 
 
 @pytest.mark.parametrize("ann", [False, True])
 def test_search_can_hide_a_file_for_one_query(tmp_path, ann):
     rng = np.random.default_rng(0)
-    opts = StoreOptions(ann_threshold=1000 if ann else 10**9, ann_background=False, refresh_interval=0.0)
-    store = MemoryStore(tmp_path / "s", fingerprint="fp", dim=DIM, options=opts)
-    a, b = _entries(rng, 900), _entries(rng, 900)
-    store.update([FileUpdate("a.py", "ha", [NewChunk(0, 2700, "ca", a)]),
-                  FileUpdate("b.py", "hb", [NewChunk(0, 2700, "cb", b)])])
-    store.wait_for_index()
-    q = a.keys[:5].astype(np.float32)
+    opts = StoreOptions(ann_threshold=8192 if ann else 10**9, ann_background=False, refresh_interval=0.0)
+    store = MemoryStore(tmp_path / "s", fingerprint="fp", heads=HEADS, dim=DIM, options=opts)
+    a, b = _entries(rng, 4500), _entries(rng, 4500)
+    store.update([FileUpdate("a.py", "ha", [NewChunk(0, 13500, "ca", a)]),
+                  FileUpdate("b.py", "hb", [NewChunk(0, 13500, "cb", b)])])
+    assert store.stats()["backend"] == ("faiss-cpu ivf" if ann else "cpu exact")
+    q = np.ascontiguousarray(a.float_keys()[:5].transpose(1, 0, 2))  # each head's keys of a.py
     seen = store.search(q, 4)
-    assert {seen.path_table[f] for f in seen.file_ids[:, 0]} == {"a.py"}  # each key finds itself
+    assert {seen.path_table[f] for f in seen.file_ids[..., 0].ravel()} == {"a.py"}  # each key finds itself
     hidden = store.search(q, 4, hide=("a.py",))
     assert hidden.mask.any()
     assert {hidden.path_table[f] for f in hidden.file_ids[hidden.mask]} == {"b.py"}
@@ -248,16 +246,16 @@ def test_search_can_hide_a_file_for_one_query(tmp_path, ann):
 
 def test_copy_files_moves_entries_without_encoding(tmp_path):
     rng = np.random.default_rng(1)
-    src = MemoryStore(tmp_path / "src", fingerprint="fp", dim=DIM, options=StoreOptions(refresh_interval=0.0))
+    src = MemoryStore(tmp_path / "src", fingerprint="fp", heads=HEADS, dim=DIM, options=StoreOptions(refresh_interval=0.0))
     e1, e2 = _entries(rng, 5), _entries(rng, 7)
-    src.update([FileUpdate("a.py", "ha", [NewChunk(0, 15, "c1", e1), NewChunk(15, 40, "c2", e2)]),
+    src.update([FileUpdate("a.py", "ha", [NewChunk(0, 15, "c1", e1, ("f",)), NewChunk(15, 40, "c2", e2, ("G", "h"))]),
                 FileUpdate("b.py", "hb", [NewChunk(0, 15, "c3", _entries(rng, 5))])])
-    dst = MemoryStore(tmp_path / "dst", fingerprint="fp", dim=DIM, options=StoreOptions(refresh_interval=0.0))
+    dst = MemoryStore(tmp_path / "dst", fingerprint="fp", heads=HEADS, dim=DIM, options=StoreOptions(refresh_interval=0.0))
     assert copy_files(src, dst, ["a.py", "missing.py"]) == 12
     assert set(dst.files()) == {"a.py"}
-    assert dst.file_info("a.py").chunks == src.file_info("a.py").chunks
+    assert dst.file_info("a.py").chunks == src.file_info("a.py").chunks  # names included
     got, want = dst.entries_of("a.py"), src.entries_of("a.py")
-    assert (got.keys == want.keys).all() and (got.offsets == want.offsets).all()
+    assert all((x == y).all() for x, y in zip(got.arrays(), want.arrays()))
 
 
 # ---------------------------------------------------------------- the command, end to end

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from mtlsp_model.model import MemorizingTransformer
+from conftest import random_model
 
 from mtlsp.chunks import chunk_file
 from mtlsp.encode import Encoder
@@ -26,12 +26,12 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture()
 def encoder(tok, tiny_cfg) -> Encoder:
-    torch.manual_seed(0)
-    return Encoder(MemorizingTransformer(tiny_cfg).eval(), tok)
+    return Encoder(random_model(tiny_cfg), tok, piece_tokens=64)
 
 
 def make_indexer(root: Path, store_dir: Path, encoder: Encoder, **kw) -> Indexer:
-    store = MemoryStore(store_dir, fingerprint="tiny", dim=encoder.model.cfg.head_dim,
+    cfg = encoder.model.cfg
+    store = MemoryStore(store_dir, fingerprint="tiny", heads=len(cfg.memory_kv_heads), dim=cfg.head_dim,
                         options=StoreOptions(refresh_interval=0))
     return Indexer(root, store, encoder, **kw)
 
@@ -192,9 +192,21 @@ def test_an_edit_re_encodes_only_the_changed_chunk(tmp_path, encoder):
     # the stored entries equal a from-scratch encoding of the same file
     fresh = make_indexer(root, tmp_path / "store2", encoder)
     fresh.refresh()
-    np.testing.assert_allclose(ix.store.entries_of("m.py").keys.astype(np.float32),
-                               fresh.store.entries_of("m.py").keys.astype(np.float32), atol=2e-3)
+    np.testing.assert_allclose(ix.store.entries_of("m.py").float_keys(), fresh.store.entries_of("m.py").float_keys(),
+                               atol=2e-3)
     assert ix.refresh().unchanged == 1  # nothing left to do
+
+
+def test_defined_names_are_kept_with_their_chunks(tmp_path, encoder):
+    """The store knows which names each file defines (popup candidates that exist), and an edit
+    that keeps a chunk keeps its names."""
+    root = tmp_path / "ws"
+    write(root, "m.py", PY)
+    ix = make_indexer(root, tmp_path / "store", encoder)
+    ix.refresh()
+    assert ix.store.names()["m.py"] == ["CONSTANT", "first", "second", "Thing", "method", "other"]
+    ix.update_text("m.py", PY.replace("class Thing:", "def brand_new():\n    pass\n\n\nclass Thing:"))
+    assert "brand_new" in ix.store.names()["m.py"] and "method" in ix.store.names()["m.py"]
 
 
 def test_unchanged_chunks_survive_a_restart(tmp_path, encoder):

@@ -1,95 +1,114 @@
-"""Training end to end at the tiny preset: corpus -> tokens -> train -> weights -> resume,
-and the single-command GPU job run on the CPU."""
+"""Training the memory heads end to end on the tiny base: projects -> memories and cached inputs ->
+steps -> checkpoint -> resume -> weights; and the command line's refusals."""
 
 import json
-import os
-import shutil
+import random
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+import torch
 
 from mtlsp_model.cli import main as cli
+from mtlsp_model.train import TrainConfig, projects_of
+from mtlsp_model.corpus import build_documents
 from mtlsp_model.weights import load_weights
 
-REPO = Path(__file__).resolve().parent.parent
+WORDS = ["ledger", "invoice", "tally", "quarter", "harvest", "stitch", "render", "parcel", "beacon", "ripple"]
+
+
+def write_package(root, name: str, seed: int) -> None:
+    """A package whose modules call functions defined in its other modules."""
+    rng = random.Random(seed)
+    pkg = root / name
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    defined = []
+    for m in range(4):
+        lines = [f'"""Module {m} of {name}."""\n']
+        for _ in range(6):
+            fn = "_".join(rng.sample(WORDS, 3))
+            defined.append((m, fn))
+            lines.append(f"\ndef {fn}(items, scale=2):\n    total = 0\n    for item in items:\n"
+                         f"        total += item * scale\n    return total\n")
+        (pkg / f"mod{m}.py").write_text("".join(lines))
+    for u in range(3):
+        calls = [f"from . import mod{m}\n" for m in range(4)]
+        for _ in range(12):
+            m, fn = rng.choice(defined)
+            calls.append(f"\n\ndef use_{u}_{fn}(rows):\n    value = mod{m}.{fn}(rows)\n    return value + mod{m}.{fn}(rows, 3)\n")
+        (pkg / f"user{u}.py").write_text("".join(calls))
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """A site-packages-like root made of real Python packages: this project's own sources."""
+def site(tmp_path_factory):
     root = tmp_path_factory.mktemp("site")
-    shutil.copytree(REPO / "model", root / "modelpkg", ignore=shutil.ignore_patterns("weights", "__pycache__"))
-    shutil.copytree(REPO / "tests", root / "testpkg", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(REPO / "benchmarks", root / "benchpkg")
-    out = tmp_path_factory.mktemp("corpus")
-    cli(["corpus", str(out), "--root", str(root), "--vocab-size", "700"])
-    return root, out
+    for i, name in enumerate(["alphapkg", "betapkg", "gammapkg", "flask"]):
+        write_package(root, name, i)
+    return root
 
 
-def read_log(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+def test_projects_split_big_documents_and_keep_small_ones(site, tok):
+    docs, skipped = build_documents([site])
+    assert skipped == ["flask"]  # the development set stays out of training
+    cfg = TrainConfig(project_min_tokens=100, project_max_tokens=100_000)
+    projects = projects_of(docs[0], tok, cfg)
+    assert len(projects) == 1 and len(projects[0]) == 7  # the empty __init__.py is no source
+    small = TrainConfig(project_min_tokens=100, project_max_tokens=400)
+    assert all(sum(len(t) // 3 for _, t in p) <= 400 for p in projects_of(docs[0], tok, small))
 
 
-def test_train_tiny_then_resume(corpus, tmp_path):
-    _, data = corpus
-    manifest = json.loads((data / "manifest.json").read_text())
-    assert {d["name"] for d in manifest["documents"]} == {"modelpkg", "testpkg", "benchpkg"}
+def run_train(tiny_weights, site, out, steps):
+    cli(["train", "--weights", str(tiny_weights), "--out", str(out), "--root", str(site), "--examples", "24",
+         "--steps", str(steps), "--window", "64", "--accumulate", "2", "--lr", "0.01", "--project-min-tokens", "100",
+         "--ckpt-every", "2"])
+
+
+def test_train_then_resume_then_load(tiny_weights, site, tmp_path):
     run = tmp_path / "run"
-    cli(["train", "--data", str(data), "--out", str(run), "--preset", "tiny"])
-    log = read_log(run)
-    assert log[-1]["event"] == "done" and log[-1]["steps"] == 6
-    assert any(r.get("event") == "memory_on" for r in log)  # the memory phase was reached
+    run_train(tiny_weights, site, run, 4)
+    manifest = json.loads((run / "corpus_manifest.json").read_text())
+    assert {d["name"] for d in manifest["documents"]} == {"alphapkg", "betapkg", "gammapkg"}
+    assert manifest["excluded"] == ["flask"]
     loaded = load_weights(run / "weights")
-    assert loaded.config.vocab_size == 700
-    card = json.loads((run / "weights" / "config.json").read_text())["training"]
-    assert card["tokens_seen"] > 0 and card["hardware"].startswith("CPU")
+    before = load_weights(tiny_weights)
+    assert loaded.trained
+    assert not torch.equal(loaded.model.memory.up, before.model.memory.up)  # the adapters moved
+    history = json.loads((run / "weights" / "config.json").read_text())["training"]["history"]
+    assert history[-1]["step"] == 4 and history[0]["step"] == 0
+
+    run_train(tiny_weights, site, run, 6)  # the same command with more steps resumes
+    history = json.loads((run / "weights" / "config.json").read_text())["training"]["history"]
+    assert [h["step"] for h in history] == [0, 2, 4, 6]
     assert json.loads((run / "weights" / "corpus_manifest.json").read_text()) == manifest
 
-    cli(["train", "--data", str(data), "--out", str(run), "--preset", "tiny", "--max-steps", "9"])
-    log = read_log(run)
-    start = [r for r in log if r.get("event") == "start"][-1]
-    assert start["resumed"] and start["step"] == 6
-    assert log[-1]["steps"] == 9
 
-
-def test_gpu_job_script_runs_at_tiny_size_on_cpu(corpus, tmp_path):
-    root, data = corpus
-    evalrepo = tmp_path / "heldout"
-    (evalrepo / "src" / "heldout").mkdir(parents=True)
-    (evalrepo / "src" / "heldout" / "__init__.py").write_text("def held():\n    return 42\n" * 20)
-    out = tmp_path / "out"
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    proc = subprocess.run(
-        ["bash", str(REPO / "model" / "gpu_job.sh"), str(out), "--preset", "tiny", "--root", str(root),
-         "--tokenizer", str(data / "tokenizer.json"), "--eval-repo", str(evalrepo),
-         "--eval-files", f"{evalrepo}:src/heldout/*.py", "--scratch", str(tmp_path / "scratch")],
-        env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    results = json.loads((out / "eval.json").read_text())
-    assert set(results["repositories"][0]["by_memory"]) == {"0", "8192", "65536", "all"}
-    assert results["files"][0]["bits_per_byte"] > 0
-    assert (out / "job.log").stat().st_size > 0
-    assert all(f.stat().st_size <= 16 << 20 for f in out.rglob("*") if f.is_file())
-    load_weights(out / "weights")
-
-
-def test_eval_refuses_a_trained_on_repository(corpus, tmp_path):
-    _, data = corpus
+def test_eval_refuses_a_trained_on_repository(tiny_weights, site, tmp_path):
     run = tmp_path / "run"
-    cli(["train", "--data", str(data), "--out", str(run), "--preset", "tiny", "--max-steps", "2"])
-    repo = tmp_path / "modelpkg"
-    (repo / "modelpkg").mkdir(parents=True)
-    (repo / "modelpkg" / "__init__.py").write_text("x = 1\n")
+    run_train(tiny_weights, site, run, 2)
+    repo = tmp_path / "checkouts" / "alphapkg"
+    (repo / "alphapkg").mkdir(parents=True)
+    (repo / "alphapkg" / "__init__.py").write_text("x = 1\n")
     with pytest.raises(SystemExit, match="refusing to evaluate"):
         cli(["eval", "--weights", str(run / "weights"), "--repo", str(repo)])
 
 
+def test_eval_reports_memory_against_none_and_control(tiny_weights, site, tmp_path):
+    """Leave-one-file-out bits with the memory, without, with an unrelated memory, and stuffed."""
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({"documents": []}))
+    out = tmp_path / "eval.json"
+    cli(["eval", "--weights", str(tiny_weights), "--manifest", str(manifest), "--repo", str(site / "alphapkg"),
+         "--control", str(site / "betapkg"), "--json", str(out)])
+    r = json.loads(out.read_text())["repositories"][0]
+    assert r["files"] == 7 and r["cross_tokens"] > 0
+    assert set(r["all"]["bits_per_token"]) == {"none", "memory", "control", "stuffed"}
+    assert all(v > 0 for v in r["cross"]["bits_per_token"].values())
+
+
 def test_cli_reports_bad_weights_without_a_traceback(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
-    proc = subprocess.run([sys.executable, "-m", "mtlsp_model", "demo", "--weights", str(tmp_path)],
+    proc = subprocess.run([sys.executable, "-m", "mtlsp_model", "heads", "--weights", str(tmp_path)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     assert "config.json is not valid JSON" in proc.stderr and "Traceback" not in proc.stderr

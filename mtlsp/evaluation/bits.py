@@ -17,12 +17,13 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
-from mtlsp_model.evaluate import byte_lengths, score_ids
+import numpy as np
+from mtlsp_model.evaluate import LN2, score_file
 from mtlsp_model.model import MemorizingTransformer
-from mtlsp_model.tokenizer import CodeTokenizer
+from mtlsp_model.projects import SourceFile, cross_file_mask, defined_names
+from mtlsp_model.tokenizer import Tokenizer
 
 from ..memory import FileUpdate, MemoryStore, NewChunk, StoreOptions
-from ..memory_files import Entries
 from ..retrieval import StoreMemory
 
 Tick = Callable[[], None]
@@ -34,45 +35,60 @@ class FileBits:
     tokens: int
     bits_memory: float  # total bits, memory = the repository minus this file
     bits_plain: float  # total bits, no memory
+    cross_tokens: int  # tokens of names defined in another file and not in this one
+    cross_bits_memory: float
+    cross_bits_plain: float
 
 
-def file_ids(tok: CodeTokenizer, path: str, text: str) -> tuple[list[int], int]:
+def source_file(tok: Tokenizer, path: str, text: str) -> SourceFile:
     header = tok.file_header(path)
-    return header + tok.encode(text), len(header)
+    return SourceFile(path, text, header + tok.encode(text), len(header))
 
 
 def leave_one_out(
     model: MemorizingTransformer,
-    tok: CodeTokenizer,
+    tok: Tokenizer,
     store: MemoryStore,
     texts: dict[str, str],
     files: Sequence[str],
     tick: Tick = lambda: None,
 ) -> list[FileBits]:
-    nbytes = byte_lengths(tok)
+    defined = {p: defined_names(t) for p, t in texts.items() if p.endswith(".py")}
     out = []
     for path in files:
-        ids, first = file_ids(tok, path, texts[path])
-        if len(ids) - first < 1:
+        f = source_file(tok, path, texts[path])
+        if len(f.ids) - f.first < 1:
             tick()
             continue
-        with_memory = score_ids(model, ids, first, nbytes, memory=StoreMemory(store, hide=(path,)))
-        plain = score_ids(model, ids, first, nbytes)
-        out.append(FileBits(path, with_memory.tokens, with_memory.bits, plain.bits))
+        foreign = set().union(*(d for p, d in defined.items() if p != path))
+        cross = cross_file_mask(tok, f, foreign)
+        with_memory = score_file(model, f, StoreMemory(store, hide=(path,)))
+        plain = score_file(model, f, None)
+        ok = ~np.isnan(plain)
+        out.append(FileBits(path, int(ok.sum()), float(with_memory[ok].sum() / LN2), float(plain[ok].sum() / LN2),
+                            int((ok & cross).sum()), float(with_memory[ok & cross].sum() / LN2),
+                            float(plain[ok & cross].sum() / LN2)))
         tick()
     return out
 
 
 def summarize(rows: list[FileBits]) -> dict:
     tokens = sum(r.tokens for r in rows)
+    cross = sum(r.cross_tokens for r in rows)
     memory = sum(r.bits_memory for r in rows) / max(1, tokens)
     plain = sum(r.bits_plain for r in rows) / max(1, tokens)
+    cross_memory = sum(r.cross_bits_memory for r in rows) / max(1, cross)
+    cross_plain = sum(r.cross_bits_plain for r in rows) / max(1, cross)
     return {
         "files": len(rows),
         "tokens": tokens,
         "bits_per_token_memory": memory,
         "bits_per_token_plain": plain,
         "reduction": 1 - memory / plain if plain else None,
+        "cross_tokens": cross,
+        "cross_bits_per_token_memory": cross_memory,
+        "cross_bits_per_token_plain": cross_plain,
+        "cross_reduction": 1 - cross_memory / cross_plain if cross_plain else None,
         "per_file": [asdict(r) for r in rows],
     }
 
@@ -86,9 +102,7 @@ def copy_files(src: MemoryStore, dst: MemoryStore, paths: Sequence[str]) -> int:
             continue
         chunks, row = [], 0
         for c in info.chunks:
-            part = slice(row, row + c.tokens)
-            chunks.append(NewChunk(c.start, c.end, c.hash, Entries(
-                entries.keys[part], entries.values[part], entries.scales[part], entries.offsets[part])))
+            chunks.append(NewChunk(c.start, c.end, c.hash, entries.take(row, row + c.tokens), c.names))
             row += c.tokens
         updates.append(FileUpdate(path, info.content_hash, chunks))
         tokens += row
@@ -99,7 +113,7 @@ def copy_files(src: MemoryStore, dst: MemoryStore, paths: Sequence[str]) -> int:
 
 def memory_curve(
     model: MemorizingTransformer,
-    tok: CodeTokenizer,
+    tok: Tokenizer,
     store: MemoryStore,
     texts: dict[str, str],
     files: Sequence[str],
@@ -111,14 +125,14 @@ def memory_curve(
 
     The last point is the whole store (``files`` hidden one at a time), as in ``leave_one_out``.
     """
-    nbytes = byte_lengths(tok)
-    prepared = [(p, *file_ids(tok, p, texts[p])) for p in files]
+    prepared = [source_file(tok, p, texts[p]) for p in files]
 
     def score(memory_of) -> tuple[float, int]:
         bits = tokens = 0
-        for path, ids, first in prepared:
-            s = score_ids(model, ids, first, nbytes, memory=memory_of(path))
-            bits, tokens = bits + s.bits, tokens + s.tokens
+        for f in prepared:
+            nll = score_file(model, f, memory_of(f.path))
+            ok = ~np.isnan(nll)
+            bits, tokens = bits + float(nll[ok].sum()) / LN2, tokens + int(ok.sum())
             tick()
         return bits / max(1, tokens), tokens
 
@@ -128,7 +142,7 @@ def memory_curve(
     bpt, _ = score(lambda path: None)
     points.append({"memory_tokens": 0, "bits_per_token": bpt})
     with tempfile.TemporaryDirectory(prefix="mtlsp-eval-") as tmp:
-        part = MemoryStore(tmp, fingerprint=store.fingerprint, dim=store.dim,
+        part = MemoryStore(tmp, fingerprint=store.fingerprint, heads=store.heads, dim=store.dim,
                            options=StoreOptions(cap_tokens=10**9, ann_background=False))
         stored = store.files()
         held, taken = 0, 0

@@ -15,7 +15,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
-from mtlsp_model.tokenizer import CodeTokenizer
+from mtlsp_model.tokenizer import Tokenizer
 
 from ..chunks import chunk_file
 
@@ -77,7 +77,7 @@ class BM25:
         ranked.sort(key=lambda x: (-x[0], x[1]))
         return ranked
 
-    def preamble(self, tok: CodeTokenizer, query: str, exclude: str, budget: int) -> list[int]:
+    def preamble(self, tok: Tokenizer, query: str, exclude: str, budget: int) -> list[int]:
         """Token ids of the best snippets that fit in ``budget`` tokens, best one last."""
         if budget <= 0:
             return []

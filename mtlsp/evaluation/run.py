@@ -21,8 +21,6 @@ from mtlsp_model.corpus import refuse_trained_on
 
 from .. import prompt
 from ..complete import Completer, Recall
-from ..indexer import Indexer
-from ..memory import MemoryStore, StoreOptions
 from ..memory_files import default_cache_root
 from ..retrieval import StoreMemory
 from ..scan import ScanOptions, read_text, walk
@@ -88,7 +86,7 @@ def _calibrate_stuffing(engine: Engine, completer: Completer, memory: StoreMemor
     prompts = []
     for s in probes:
         text, cursor = cut(texts[s.path], s, 0)
-        p = prompt.build(tok, s.path, text, cursor, prefix_tokens=completer.prefix_tokens, suffix_tokens=64)
+        p = prompt.build(tok, s.path, text, cursor, prefix_tokens=completer.prefix_tokens)
         prompts.append((s, p))
     with_memory = []
     for s, p in prompts:
@@ -126,10 +124,8 @@ def evaluate(root: Path, engine: Engine, options: Options, manifest: dict, progr
     model = engine.loaded.model
 
     # the memory, the way the server builds it
-    store = MemoryStore.open(root, fingerprint=engine.loaded.fingerprint, dim=engine.loaded.config.head_dim,
-                             cache_root=(options.store_root or default_cache_root()) / "eval",
-                             options=StoreOptions(cap_tokens=options.memory_cap, ann_background=False))
-    indexer = Indexer(root, store, engine.encoder, scan=scan)
+    store, indexer = engine.open_memory(root, cap_tokens=options.memory_cap, scan=scan, ann_background=False,
+                                        cache_root=(options.store_root or default_cache_root()) / "eval")
     report = indexer.refresh(lambda p: progress("index", p.files_done, p.files_total))
     store.wait_for_index()
     stored = store.files()
