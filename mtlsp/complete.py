@@ -22,12 +22,14 @@ from dataclasses import dataclass
 
 import torch
 
-from . import prompt, stops
+from . import candidates, prompt, stops
 from .decode import Context, Decoder, Evidence, check
+from .rank import Ranker
 from .retrieval import StoreMemory
 
 LineOf = Callable[[str, int], int]  # (path, byte offset) -> 1-based line
 _PLAUSIBLE = 6.0  # popup items within this many nats of the best
+_NAME_FLOOR = -12.0  # ghost text starts with an existing name only if the model finds it this likely
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,7 @@ class Recall:
 
     memory: StoreMemory
     line_of: LineOf  # for provenance
+    sources: candidates.Sources | None = None  # names that exist (popup candidates)
 
 
 @dataclass
@@ -102,6 +105,7 @@ class Completer:
     def __init__(self, decoder: Decoder, *, prefix_tokens: int = 384) -> None:
         self.decoder = decoder
         self.tok = decoder.tok
+        self.ranker = Ranker(decoder)
         self.prefix_tokens = prefix_tokens
         self._docs: dict[str, _Doc] = {}
         self._lock = threading.Lock()
@@ -127,7 +131,10 @@ class Completer:
         max_tokens: int,
         cancel: threading.Event | None = None,
         preamble: Sequence[int] = (),
+        names: bool = True,
     ) -> Inline:
+        """Ghost text at ``cursor``.  ``names``: start an identifier with an existing name when
+        the model finds one likely (the candidate ranking; off to measure the model alone)."""
         t0 = time.perf_counter()
         doc = self._doc(uri)
         memory = recall.memory if recall else None
@@ -146,6 +153,17 @@ class Completer:
         out = b""
         written = ""
         n = 0
+        line_before = before[before.rfind("\n") + 1 :]
+        seeded = False
+        if names and candidates.identifier_position(line_before, p.typed):
+            # the identifier at the cursor is spelled from a name that exists, if one is likely
+            pool = candidates.pool(path, text, cursor, p.typed, recall.sources if recall else None)
+            head = p.required[: len(p.required) - len(p.typed.encode("utf-8"))]
+            best = self.ranker.rank(ctx, head, pool, memory, width=4, top=1, cancel=cancel) if pool else []
+            if best and best[0].logprob > _NAME_FLOOR:
+                ctx, out, seeded = best[0].ctx, head + best[0].name.encode("utf-8"), True
+                evidence += best[0].evidence
+                written = out[len(p.required):].decode("utf-8", "ignore")
         for n in range(1, max_tokens + 1):
             check(cancel)
             if len(ctx.ids) >= self.decoder.window:
@@ -153,6 +171,8 @@ class Completer:
             scores = ctx.logits
             if len(out) < len(p.required):
                 scores = scores + self.decoder.constraints.mask(p.required[len(out):], scores.device)
+            elif seeded and n == 1:  # the chosen name is whole: the next token may not lengthen it
+                scores = scores + self.ranker.end_mask(scores.device)
             t = int(scores.argmax())
             if self.tok.is_special[t] or not torch.isfinite(scores[t]):
                 break  # <|endoftext|> or another control token: the model says the file ends
@@ -185,8 +205,10 @@ class Completer:
         items: int = 6,
         cancel: threading.Event | None = None,
         preamble: Sequence[int] = (),
+        names: bool = True,
     ) -> tuple[str, list[Candidate]]:
-        """The typed part of the word at the cursor, and the best identifiers it may become."""
+        """The typed part of the word at the cursor, and the best identifiers it may become:
+        names that exist, ranked by the model (``names``), else the model's own beam."""
         doc = self._doc(uri)
         memory = recall.memory if recall else None
         budget = min(self.prefix_tokens, self.decoder.window - len(preamble) - max_steps - 8)
@@ -197,6 +219,26 @@ class Completer:
             if still:
                 return p.typed, still
         ctx = self._prefill(doc, "popup", p.ids, memory, cancel)
+        pool = candidates.pool(path, text, cursor, p.typed, recall.sources if recall else None) if names else []
+        if pool:  # the model ranks names that exist
+            head = p.required[: len(p.required) - len(p.typed.encode("utf-8"))]
+            ranked = self.ranker.rank(ctx, head, pool, memory, width=width, top=items, cancel=cancel)
+            found = {r.name: (r.logprob, tuple(r.evidence)) for r in ranked}
+        else:  # nothing known to rank: the model's own beam
+            found = self._beam(ctx, p, memory, width=width, max_steps=max_steps, items=items, cancel=cancel)
+        best = sorted(found.items(), key=lambda kv: -kv[1][0])[:items]
+        if best:  # drop the tail the model itself finds implausible next to the best
+            best = [(w, v) for w, v in best if v[0] > best[0][1][0] - _PLAUSIBLE]
+        listed = [
+            Candidate(w, lp, support(ev, recall, top=3) if recall else [])
+            for w, (lp, ev) in best
+        ]
+        doc.listed = (p.ids, p.typed, listed)
+        return p.typed, listed
+
+    def _beam(self, ctx: Context, p: prompt.Prompt, memory, *, width: int, max_steps: int, items: int,
+              cancel) -> dict[str, tuple[float, tuple]]:
+        """Identifiers the model writes itself: a small beam up to the end of the word."""
         beams: list[tuple[Context, bytes, float, tuple]] = [(ctx, b"", 0.0, (ctx.evidence,))]
         done: dict[str, tuple[float, tuple]] = {}
         for _ in range(max_steps):
@@ -228,15 +270,7 @@ class Completer:
                 break
             ctxs = self.decoder.step([g[1] for g in grown], [g[3] for g in grown], memory)
             beams = [(ctxs[b], g[2], g[0], g[4] + (ctxs[b].evidence,)) for b, g in enumerate(grown)]
-        best = sorted(done.items(), key=lambda kv: -kv[1][0])[:items]
-        if best:  # drop the tail the model itself finds implausible next to the best
-            best = [(w, v) for w, v in best if v[0] > best[0][1][0] - _PLAUSIBLE]
-        listed = [
-            Candidate(w, lp, support(ev, recall, top=3) if recall else [])
-            for w, (lp, ev) in best
-        ]
-        doc.listed = (p.ids, p.typed, listed)
-        return p.typed, listed
+        return done
 
     # ------------------------------------------------------------------ shared
 

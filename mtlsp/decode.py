@@ -46,12 +46,12 @@ class Evidence:
     sources: Tensor
 
     @staticmethod
-    def of(reads: list[Read], row: int) -> Evidence | None:
-        """The last position's evidence in batch row ``row`` (None without memory reads)."""
+    def of(reads: list[Read], row: int, pos: int = -1) -> Evidence | None:
+        """The evidence at position ``pos`` of batch row ``row`` (None without memory reads)."""
         if not reads:
             return None
-        return Evidence(torch.stack([r.weights[row, -1].float().cpu() for r in reads]),
-                        torch.stack([r.got.source[row, -1].cpu() for r in reads]))
+        return Evidence(torch.stack([r.weights[row, pos].float().cpu() for r in reads]),
+                        torch.stack([r.got.source[row, pos].cpu() for r in reads]))
 
 
 @dataclass
@@ -74,6 +74,16 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     while i < n and a[i] == b[i]:
         i += 1
     return i
+
+
+@dataclass
+class Scored:
+    """A continuation's log-probability after a context, the next-token scores after it, and
+    the evidence its positions read."""
+
+    logprob: float
+    after: Tensor  # (V,) log-probabilities of the token after the continuation
+    evidence: list[Evidence | None]
 
 
 class Decoder:
@@ -129,6 +139,34 @@ class Decoder:
                     Evidence.of(out.reads, b))
             for b, (c, t) in enumerate(zip(ctxs, tokens, strict=True))
         ]
+
+    def score(self, ctx: Context, rows: list[list[int]], memory: Memory | None) -> list[Scored]:
+        """Teacher-force each row of tokens after ``ctx``, all rows as one batch.
+
+        What ranks popup candidates: one forward pass over every candidate's tokens (padded),
+        reading the prompt's keys and values shared across the batch.
+        """
+        if not rows:
+            return []
+        if any(not r for r in rows):
+            raise ValueError("an empty continuation")
+        width = max(len(r) for r in rows)
+        if len(ctx.ids) + width > self.window:
+            raise ValueError("the continuations run past the context window")
+        padded = [r + [self.tok.eot] * (width - len(r)) for r in rows]
+        B = len(rows)
+        past = [KV(k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)) for k, v in ctx.kv]
+        x = torch.tensor(padded, device=self.device)
+        with torch.inference_mode():
+            out = self.model(x, past=past, memory=memory)
+        out_rows = []
+        for b, r in enumerate(rows):
+            n = len(r)
+            targets = torch.tensor(r[1:], device=self.device)
+            rest = out.logits[b, : n - 1].gather(-1, targets[:, None]).sum() if n > 1 else 0.0
+            out_rows.append(Scored(float(ctx.logits[r[0]]) + float(rest), out.logits[b, n - 1],
+                                   [Evidence.of(out.reads, b, i) for i in range(n)]))
+        return out_rows
 
     def _forward(self, rows: list[list[int]], past: list[KV] | None, memory: Memory | None):
         x = torch.tensor(rows, device=self.device)

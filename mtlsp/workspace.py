@@ -23,6 +23,8 @@ import torch
 from mtlsp_model.runtime import for_inference
 from mtlsp_model.weights import Loaded, load_weights
 
+from .candidates import Sources
+from .chunks import defined_names
 from .complete import Completer, Recall
 from .decode import Decoder
 from .encode import Encoder
@@ -31,6 +33,7 @@ from .memory import MemoryStore, StoreOptions
 from .retrieval import StoreMemory
 from .scan import ScanOptions
 from .settings import Settings
+from .static import Jedi
 from .watch import Watcher
 
 log = logging.getLogger("mtlsp.workspace")
@@ -100,7 +103,9 @@ class Folder:
         self.texts = texts
         self.store, self.indexer = engine.open_memory(self.root, cap_tokens=settings.memory_cap,
                                                       cache_root=settings.store_path)
-        self.recall = Recall(StoreMemory(self.store), self.line_of)
+        self.jedi = Jedi(self.root)
+        self.recall = Recall(StoreMemory(self.store), self.line_of, Sources(self.names, self.jedi.names_at))
+        self._buffer_names: dict[str, tuple[str, list[str]]] = {}  # rel -> (text, names it defines)
         self.state = IndexState()
         self.debounce = settings.debounce_ms / 1000
         self.watcher: Watcher | None = None
@@ -197,6 +202,22 @@ class Folder:
                     self.indexer.sync_paths(paths)
             except Exception:  # one bad file or a busy store must not stop later updates
                 log.exception("updating the memory of %s failed; the next change retries", self.root)
+
+    # ------------------------------------------------------------------ candidates
+
+    def names(self) -> list[str]:
+        """Names the memory's chunks define, then those of the open buffers as they are now:
+        a function typed a moment ago is a candidate before the debounce has even written it."""
+        out = [n for names in self.store.names().values() for n in names]
+        for rel in self._open_rels():
+            text = self.texts(rel)
+            if text is None:
+                continue
+            cached = self._buffer_names.get(rel)
+            if cached is None or cached[0] is not text:
+                cached = self._buffer_names[rel] = (text, [n for _, n in defined_names(rel, text.encode("utf-8"))])
+            out += cached[1]
+        return out
 
     # ------------------------------------------------------------------ provenance
 

@@ -28,7 +28,7 @@ from ..settings import Settings
 from ..workspace import Engine
 from . import bits, callsites, fresh, metrics
 from .bm25 import BM25, query_before
-from .jedi_baseline import Jedi
+from ..static import Jedi
 from .sites import Site, cut, find_sites, sample
 
 TYPED = (0, 1, 2)

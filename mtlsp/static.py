@@ -1,8 +1,9 @@
-"""The static-analysis baseline: jedi, the engine of jedi-language-server, on the same sites.
+"""Python's static analysis: jedi, the engine of jedi-language-server.
 
-Jedi resolves the imports of the calling file inside the repository (its project path, plus
-``src/`` for src-layout repositories) and lists the names valid at the cursor, filtered by the
-typed characters.  Its list is scored exactly like mtlsp's popup list.
+Jedi resolves the imports of the file inside the workspace (its project path, plus ``src/`` for
+src-layout repositories) and lists the names valid at the cursor, filtered by the typed
+characters.  mtlsp uses that list twice: as popup candidates for the model to rank
+(``candidates.py``), and as the baseline ``mtlsp eval`` compares the popup against.
 """
 
 from __future__ import annotations
@@ -18,6 +19,12 @@ class Jedi:
         extra = [str(root / "src")] if (root / "src").is_dir() else []
         self.root = root
         self.project = jedi.Project(root, added_sys_path=extra)
+
+    def names_at(self, path: str, text: str, cursor: int) -> list[str]:
+        """Names valid at character ``cursor`` of ``text`` (none where jedi cannot tell)."""
+        line = text.count("\n", 0, cursor)
+        column = cursor - (text.rfind("\n", 0, cursor) + 1)
+        return self.complete(path, text, line, column)[0]
 
     def complete(self, path: str, text: str, line: int, column: int) -> tuple[list[str], float, str | None]:
         """Names jedi offers at 0-based ``line``/``column``, its time in ms, and its error if any."""

@@ -1,0 +1,100 @@
+"""Candidate names (what exists) and their ranking by the model (trie-constrained beam search)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import random_model, tiny_config
+from mtlsp import candidates, prompt
+from mtlsp.decode import Decoder
+from mtlsp.rank import Ranker
+from mtlsp_model.memory import TensorMemory
+
+SRC = "from app import pricing\n\n\ndef report(lines):\n    total = pricing.su"
+
+
+def test_identifier_position():
+    assert candidates.identifier_position("    total = pricing.", "")
+    assert candidates.identifier_position("    total = pricing.su", "su")
+    assert candidates.identifier_position("    x = su", "su")
+    assert not candidates.identifier_position("    total = ", "")
+    assert not candidates.identifier_position("def summ", "summ")  # a name being defined
+    assert not candidates.identifier_position("class Led", "Led")
+
+
+def test_pool_merges_sources_in_order_and_filters_by_the_typed_word():
+    sources = candidates.Sources(names=lambda: ["summarize_quarterly_ledger", "subtotal", "apply"],
+                                 static=lambda path, text, cursor: ["sum_from_jedi", "subtotal"])
+    got = candidates.pool("app/report.py", SRC, len(SRC), "su", sources)
+    assert got[:3] == ["sum_from_jedi", "subtotal", "summarize_quarterly_ledger"]
+    assert "su" not in got and "apply" not in got
+    assert "sum" not in got  # after "pricing." builtins are no attributes
+    plain = "x = su"
+    assert "sum" in candidates.pool("a.py", plain, len(plain), "su", None)  # elsewhere they are
+    assert "sum" not in candidates.pool("a.js", plain, len(plain), "su", None)  # Python's only
+
+
+def test_pool_takes_names_of_the_current_file_but_not_the_word_being_typed():
+    text = "subtotal = 1\nsupplier = 2\nx = sup"
+    got = candidates.pool("a.js", text, len(text), "sup", None)
+    assert got == ["supplier"]
+
+
+@pytest.fixture()
+def setup(tok):
+    model = random_model(tiny_config(tok.vocab_size), seed=4)
+    decoder = Decoder(model, tok, window=512)
+    ids = torch.tensor([tok.file_header("app/pricing.py") + tok.encode("def summarize_ledger(x):\n    return x\n")])
+    e = model.encode(ids)
+    memory = TensorMemory(e.keys[0], e.values[0], ids[0])
+    return model, decoder, memory
+
+
+def direct_score(model, tok, ranker, prompt_ids, head, name, memory) -> float:
+    """log P(head + name, then an identifier end | prompt), by one plain forward pass."""
+    ids = tok.encode_bytes(head + name.encode())
+    x = torch.tensor([prompt_ids + ids])
+    with torch.no_grad():
+        logp = model(x, memory=memory).logits[0]
+    n = len(prompt_ids)
+    total = sum(float(logp[n - 1 + i, t]) for i, t in enumerate(ids))
+    return total + ranker.boundary(logp[-1])
+
+
+def test_ranking_scores_are_the_model_s_own_log_probabilities(setup, tok):
+    model, decoder, memory = setup
+    p = prompt.build(tok, "app/report.py", SRC, len(SRC), prefix_tokens=200)
+    head = p.required[: len(p.required) - len(p.typed)]
+    names = ["summarize_ledger", "subtotal", "sum", "summary", "super"]
+    ctx = decoder.prefill(p.ids, memory)
+    ranker = Ranker(decoder)
+    ranked = ranker.rank(ctx, head, names, memory, width=16, top=10)
+    assert sorted(r.name for r in ranked) == sorted(names)
+    assert [r.logprob for r in ranked] == sorted((r.logprob for r in ranked), reverse=True)
+    for r in ranked:
+        want = direct_score(model, tok, ranker, p.ids, head, r.name, memory)
+        assert r.logprob == pytest.approx(want, abs=1e-3), r.name
+        assert tok.decode(r.ctx.ids[len(p.ids):]).encode() == head + r.name.encode()
+        assert r.evidence and all(e is not None for e in r.evidence)  # memory reads along the name
+
+
+def test_narrow_beam_keeps_the_best(setup, tok):
+    _, decoder, memory = setup
+    p = prompt.build(tok, "app/report.py", SRC, len(SRC), prefix_tokens=200)
+    head = p.required[: len(p.required) - len(p.typed)]
+    names = [f"su{w}" for w in ("m", "per", "btotal", "mmary", "mmarize_ledger", "pplier", "rface", "ffix")]
+    ctx = decoder.prefill(p.ids, memory)
+    ranker = Ranker(decoder)
+    wide = ranker.rank(ctx, head, names, memory, width=32, top=1)
+    narrow = ranker.rank(ctx, head, names, memory, width=2, top=1)
+    assert narrow[0].logprob <= wide[0].logprob + 1e-6
+    assert ranker.rank(ctx, head, [], memory) == []
+
+
+def test_end_mask_blocks_exactly_the_identifier_continuations(tok):
+    decoder = Decoder(random_model(tiny_config(tok.vocab_size)), tok)
+    mask = Ranker(decoder).end_mask(torch.device("cpu"))
+    for t, b in enumerate(tok.token_bytes):
+        continues = bool(b) and (chr(b[0]).isalnum() or b[:1] == b"_" or b[0] >= 0x80)
+        assert (mask[t] == float("-inf")) == continues, b
