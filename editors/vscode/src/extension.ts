@@ -1,6 +1,6 @@
 // The mtlsp extension: starts `mtlsp serve`, lets vscode-languageclient provide ghost text
 // (LSP inline completion, a proposed feature) and popup completion, shows the server's state in
-// the status bar, and adds restart / re-index / explain commands.
+// the status bar, and adds restart / explain commands (re-index is the server's own command).
 import * as vscode from "vscode";
 import { LanguageClient, LanguageClientOptions, ServerOptions } from "vscode-languageclient/node";
 import { serverSettings, Status, statusText } from "./settings";
@@ -77,6 +77,9 @@ export async function activate(context: vscode.ExtensionContext): Promise<void> 
   statusItem.command = "mtlsp.explain";
   statusItem.show();
   client = makeClient();
+  // mtlsp.reindex is not registered here: the server lists it in executeCommandProvider, and
+  // vscode-languageclient registers every such command itself (forwarding it as
+  // workspace/executeCommand) while the client runs; a second registration makes start() fail.
   context.subscriptions.push(
     statusItem,
     vscode.commands.registerCommand("mtlsp.restart", async () => {
@@ -84,8 +87,6 @@ export async function activate(context: vscode.ExtensionContext): Promise<void> 
       client = makeClient();
       await client.start();
     }),
-    vscode.commands.registerCommand("mtlsp.reindex", () =>
-      client?.sendRequest("workspace/executeCommand", { command: "mtlsp.reindex", arguments: [] })),
     vscode.commands.registerCommand("mtlsp.explain", explain),
     vscode.workspace.onDidChangeConfiguration((e) => {
       if (e.affectsConfiguration("mtlsp")) {

@@ -23,6 +23,9 @@ test("status bar text", () => {
   assert.equal(statusText(st).text, "$(sync~spin) 3/9 mtlsp cpu 198k");
   assert.match(statusText(st).tooltip, /198,026 memory entries in 169 files/);
   assert.equal(statusText({ ...st, model: null, modelError: "bad checksum" }).text, "$(error) mtlsp");
+  assert.equal(statusText({ ...st, model: null, modelError: null }).text, "$(sync~spin) mtlsp loading");
+  assert.equal(statusText({ ...st, folders: [{ ...st.folders[0], indexing: { phase: "ready", filesDone: 9, filesTotal: 9 } }] }).text,
+    "$(database) mtlsp cpu 198k");
 });
 
 test("the real server over stdio", { timeout: 120_000 }, async () => {
