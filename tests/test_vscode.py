@@ -21,7 +21,7 @@ def test_extension_compiles_packages_and_drives_the_server(vscode_build, tiny_we
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MTLSP_TEST_SERVER": json.dumps(server),
            "MTLSP_TEST_WORKSPACE": str(root)}
     out = vscode_build.npm("test", env=env).stdout
-    assert "# pass 3" in out and "# fail 0" in out
+    assert "# pass 4" in out and "# fail 0" in out
     with zipfile.ZipFile(vscode_build.vsix) as vsix:
         names = set(vsix.namelist())
         manifest = json.loads(vsix.read("extension/package.json"))

@@ -3,6 +3,7 @@
 // the status bar, and adds restart / explain commands (re-index is the server's own command).
 import * as vscode from "vscode";
 import { LanguageClient, LanguageClientOptions, ServerOptions } from "vscode-languageclient/node";
+import { inlineContext } from "./protocol";
 import { serverSettings, Status, statusText } from "./settings";
 
 const LANGUAGES = ["python", "javascript", "javascriptreact", "typescript", "typescriptreact", "go", "rust", "java", "c", "cpp"];
@@ -23,6 +24,11 @@ function makeClient(): LanguageClient {
     documentSelector: LANGUAGES.map((language) => ({ scheme: "file", language })),
     initializationOptions: settings(),
     outputChannelName: "mtlsp",
+    middleware: {
+      // hand the client an already converted context (see protocol.ts), which it passes on as is
+      provideInlineCompletionItems: (document, position, context, token, next) =>
+        next(document, position, inlineContext(context) as unknown as vscode.InlineCompletionContext, token),
+    },
   };
   const c = new LanguageClient("mtlsp", "mtlsp", serverOptions, clientOptions);
   c.registerProposedFeatures(); // textDocument/inlineCompletion
