@@ -92,11 +92,12 @@ def _port(log: Path, proc: subprocess.Popen, timeout: float = 60) -> int:
 
 
 @pytest.fixture(scope="module")
-def session(vscode_build, tmp_path_factory) -> Session:
+def session(request, tmp_path_factory) -> Session:
     try:
         tools = vscode_tools.ensure()
     except vscode_tools.Unavailable as e:
         pytest.skip(f"VS Code harness unavailable: {e}")
+    vscode_build = request.getfixturevalue("vscode_build")
     t0 = time.monotonic()
     tmp = tmp_path_factory.mktemp("vscode-real")
     ws = tmp / "sample_workspace"

@@ -148,7 +148,7 @@ async function until(what, fn, timeoutMs, everyMs = 100) {
       await page.keyboard.press("Shift+Home");
       await page.keyboard.type(params.call, { delay: 60 });
       const t0 = Date.now();
-      const rows = await until("the completion popup", async () => {
+      await until("the completion popup", async () => {
         const r = await suggestions();
         return r.length ? r : null;
       }, 60000);
@@ -162,7 +162,7 @@ async function until(what, fn, timeoutMs, everyMs = 100) {
       const withPopup = await ghostText();
       await page.keyboard.press("Escape");
       await page.waitForSelector(".suggest-widget.visible", { state: "hidden" });
-      const text = await until("ghost text", ghostText, 30000);
+      await until("ghost text", ghostText, 30000);
       await sleep(300);
       return { text: await ghostText(), withPopup, screenshot: await shot("ghost.png") };
     });
