@@ -88,7 +88,8 @@ class MtlspServer(LanguageServer):
         self.completer: Completer | None = None
         self.folders: dict[Path, Folder] = {}
         self.model_pool = ThreadPoolExecutor(1, thread_name_prefix="mtlsp-model")
-        self.inflight: dict[str, threading.Event] = {}  # uri -> the running request's cancel flag
+        # (uri, kind) -> the running request's cancel flag; kind is "inline" or "popup"
+        self.inflight: dict[tuple[str, str], threading.Event] = {}
         self.explained: dict[str, dict] = {}  # uri -> provenance of the last completion shown
         self.client_watches = False
         self.event_loop: asyncio.AbstractEventLoop | None = None
@@ -249,13 +250,15 @@ class MtlspServer(LanguageServer):
             return "the document is binary"
         return None
 
-    async def run_model(self, uri: str, work) -> Any:
-        """Run ``work(cancel)`` on the model thread; a newer request for ``uri`` cancels it."""
+    async def run_model(self, uri: str, kind: str, work) -> Any:
+        """Run ``work(cancel)`` on the model thread; a newer request of the same ``kind`` for ``uri``
+        cancels it. The popup and the ghost text of one keystroke (editors send both) do not."""
         cancel = threading.Event()
-        stale = self.inflight.get(uri)
+        key = (uri, kind)
+        stale = self.inflight.get(key)
         if stale is not None:
             stale.set()
-        self.inflight[uri] = cancel
+        self.inflight[key] = cancel
         loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(self.model_pool, work, cancel)
@@ -265,8 +268,8 @@ class MtlspServer(LanguageServer):
         except Cancelled:
             return None
         finally:
-            if self.inflight.get(uri) is cancel:
-                del self.inflight[uri]
+            if self.inflight.get(key) is cancel:
+                del self.inflight[key]
 
     def explain(self, uri: str, kind: str, ms: float, support: list[Support], shown: Any) -> None:
         got = self.folder_of(uri)
@@ -422,7 +425,7 @@ def build_server(weights: Path | None = None, device: str | None = None, cache_d
             return completer.inline(doc.uri, rel, text, offset, folder.recall if folder else None,
                                     max_tokens=settings.max_tokens, cancel=cancel)
 
-        res = await ls.run_model(doc.uri, work)
+        res = await ls.run_model(doc.uri, "inline", work)
         if res is None or not res.text:
             return t.InlineCompletionList(items=[])
         ls.explain(doc.uri, "inline", res.ms, res.support, res.text)
@@ -447,7 +450,7 @@ def build_server(weights: Path | None = None, device: str | None = None, cache_d
         def work(cancel: threading.Event):
             return completer.popup(doc.uri, rel, text, offset, folder.recall if folder else None, cancel=cancel)
 
-        res = await ls.run_model(doc.uri, work)
+        res = await ls.run_model(doc.uri, "popup", work)
         if res is None:
             return t.CompletionList(is_incomplete=True, items=[])
         typed, candidates = res

@@ -4,6 +4,9 @@ weights, so tests run in seconds on a CPU.  The shipped model is tested in test_
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -73,3 +76,34 @@ def tiny_weights(tiny_base, tok, tmp_path_factory) -> Path:
     model = random_model(tiny_config(tok.vocab_size))
     return save_weights(model, tmp_path_factory.mktemp("weights") / "tiny",
                         base={"fingerprint": tiny_base.name, "path": str(tiny_base)})
+
+
+@dataclass
+class VscodeBuild:
+    root: Path  # a copy of editors/vscode, with node_modules/ and out/ built in it
+    vsix: Path
+
+    def npm(self, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+        return npm(self.root, *args, env=env)
+
+
+def npm(cwd: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    exe = shutil.which("npm")
+    if exe is None:
+        pytest.fail("npm is missing: the VS Code extension is built with Node and npm")
+    proc = subprocess.run([exe, *args], cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, f"npm {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+@pytest.fixture(scope="session")
+def vscode_build(tmp_path_factory) -> VscodeBuild:
+    """editors/vscode copied to a temporary folder, then `npm ci`, compiled and packaged there:
+    the tests write nothing into the source tree."""
+    root = tmp_path_factory.mktemp("vscode") / "vscode"
+    shutil.copytree(REPO / "editors" / "vscode", root,
+                    ignore=shutil.ignore_patterns("node_modules", "out", "*.vsix"))
+    npm(root, "ci", "--no-audit", "--no-fund")
+    npm(root, "run", "compile")
+    npm(root, "run", "package")
+    return VscodeBuild(root, root / "mtlsp.vsix")

@@ -204,6 +204,22 @@ async def test_inline_completion_is_one_line_and_reused_while_typing_it(client, 
     assert first["kind"] == "inline"
 
 
+async def test_popup_and_ghost_text_for_the_same_keystroke_do_not_cancel_each_other(client, workspace):
+    # VS Code sends textDocument/completion and textDocument/inlineCompletion together after a
+    # trigger character; each must get its answer (only a newer request of its own kind supersedes it).
+    await initialize(client, [workspace], options={"maxTokens": 64})
+    await wait_ready(client)
+    text = REPORT.replace("pricing.line_total(2, 3)", "pricing.")
+    uri = open_doc(client, workspace / "app" / "report.py", text)
+    pos = position_after(text, "pricing.")
+    for _ in range(3):
+        got_popup, got_ghost = await asyncio.gather(popup(client, uri, pos), inline(client, uri, pos))
+        assert got_popup.items, "the popup was cancelled by the ghost-text request"
+        assert got_ghost.items, "the ghost text was cancelled by the popup request"
+        got_ghost, got_popup = await asyncio.gather(inline(client, uri, pos), popup(client, uri, pos))
+        assert got_popup.items and got_ghost.items
+
+
 async def test_block_completion_after_a_def_line(client, workspace):
     await initialize(client, [workspace])
     await wait_ready(client)

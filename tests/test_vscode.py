@@ -1,46 +1,28 @@
 """The VS Code extension (editors/vscode): its TypeScript compiles, it packages to a .vsix, and a
-Node test drives the real server over stdio with the capabilities the extension advertises."""
+Node test drives the real server over stdio with the capabilities the extension advertises.
+The build runs in a temporary copy of editors/vscode (the `vscode_build` fixture)."""
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import subprocess
 import sys
 import zipfile
-from pathlib import Path
-
-import pytest
-
-EXT = Path(__file__).resolve().parent.parent / "editors" / "vscode"
-NPM = shutil.which("npm")
 
 
-def npm(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    proc = subprocess.run([NPM, *args], cwd=EXT, capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, f"npm {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc
-
-
-def test_extension_compiles_packages_and_drives_the_server(tiny_weights, tmp_path):
-    if NPM is None:
-        pytest.fail("npm is missing: the VS Code extension is built with Node and npm")
+def test_extension_compiles_packages_and_drives_the_server(vscode_build, tiny_weights, tmp_path):
     root = tmp_path / "ws"
     (root / "app").mkdir(parents=True)
     (root / "app" / "pricing.py").write_text("def apply_discount(total):\n    return total * 9 // 10\n")
     (root / "app" / "report.py").write_text(
         "from app import pricing\n\n\ndef report(lines):\n    total = pricing.app\n    return total\n")
-    npm("ci", "--no-audit", "--no-fund")
-    npm("run", "compile")
     server = [sys.executable, "-m", "mtlsp", "serve", "--weights", str(tiny_weights),
               "--cache-dir", str(tmp_path / "cache"), "--log-level", "WARNING"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MTLSP_TEST_SERVER": json.dumps(server),
            "MTLSP_TEST_WORKSPACE": str(root)}
-    out = npm("test", env=env).stdout
-    assert "# pass 3" in out and "# fail 0" in out
-    npm("run", "package")
-    with zipfile.ZipFile(EXT / "mtlsp.vsix") as vsix:
+    out = vscode_build.npm("test", env=env).stdout
+    assert "# pass 4" in out and "# fail 0" in out
+    with zipfile.ZipFile(vscode_build.vsix) as vsix:
         names = set(vsix.namelist())
         manifest = json.loads(vsix.read("extension/package.json"))
     assert "extension/out/src/extension.js" in names

@@ -1,8 +1,9 @@
 // The mtlsp extension: starts `mtlsp serve`, lets vscode-languageclient provide ghost text
 // (LSP inline completion, a proposed feature) and popup completion, shows the server's state in
-// the status bar, and adds restart / re-index / explain commands.
+// the status bar, and adds restart / explain commands (re-index is the server's own command).
 import * as vscode from "vscode";
 import { LanguageClient, LanguageClientOptions, ServerOptions } from "vscode-languageclient/node";
+import { inlineContext } from "./protocol";
 import { serverSettings, Status, statusText } from "./settings";
 
 const LANGUAGES = ["python", "javascript", "javascriptreact", "typescript", "typescriptreact", "go", "rust", "java", "c", "cpp"];
@@ -23,6 +24,11 @@ function makeClient(): LanguageClient {
     documentSelector: LANGUAGES.map((language) => ({ scheme: "file", language })),
     initializationOptions: settings(),
     outputChannelName: "mtlsp",
+    middleware: {
+      // hand the client an already converted context (see protocol.ts), which it passes on as is
+      provideInlineCompletionItems: (document, position, context, token, next) =>
+        next(document, position, inlineContext(context) as unknown as vscode.InlineCompletionContext, token),
+    },
   };
   const c = new LanguageClient("mtlsp", "mtlsp", serverOptions, clientOptions);
   c.registerProposedFeatures(); // textDocument/inlineCompletion
@@ -77,6 +83,9 @@ export async function activate(context: vscode.ExtensionContext): Promise<void> 
   statusItem.command = "mtlsp.explain";
   statusItem.show();
   client = makeClient();
+  // mtlsp.reindex is not registered here: the server lists it in executeCommandProvider, and
+  // vscode-languageclient registers every such command itself (forwarding it as
+  // workspace/executeCommand) while the client runs; a second registration makes start() fail.
   context.subscriptions.push(
     statusItem,
     vscode.commands.registerCommand("mtlsp.restart", async () => {
@@ -84,8 +93,6 @@ export async function activate(context: vscode.ExtensionContext): Promise<void> 
       client = makeClient();
       await client.start();
     }),
-    vscode.commands.registerCommand("mtlsp.reindex", () =>
-      client?.sendRequest("workspace/executeCommand", { command: "mtlsp.reindex", arguments: [] })),
     vscode.commands.registerCommand("mtlsp.explain", explain),
     vscode.workspace.onDidChangeConfiguration((e) => {
       if (e.affectsConfiguration("mtlsp")) {

@@ -34,7 +34,9 @@ export interface Status {
 /** The status-bar text and tooltip for an `mtlsp/status` answer. */
 export function statusText(st: Status): { text: string; tooltip: string } {
   if (!st.model) {
-    return { text: "$(error) mtlsp", tooltip: `mtlsp: no model: ${st.modelError ?? "loading"}` };
+    return st.modelError
+      ? { text: "$(error) mtlsp", tooltip: `mtlsp: no model: ${st.modelError}` }
+      : { text: "$(sync~spin) mtlsp loading", tooltip: "mtlsp: loading the model" };
   }
   const entries = st.folders.reduce((n, f) => n + f.entries, 0);
   const busy = st.folders.find((f) => f.indexing.phase === "indexing" || f.indexing.phase === "starting");

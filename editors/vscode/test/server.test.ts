@@ -9,6 +9,7 @@ import * as fs from "node:fs";
 import * as path from "node:path";
 import { pathToFileURL } from "node:url";
 import { createMessageConnection, StreamMessageReader, StreamMessageWriter } from "vscode-languageserver-protocol/node";
+import { inlineContext } from "../src/protocol";
 import { serverSettings, Status, statusText } from "../src/settings";
 
 test("settings map to the server's initializationOptions", () => {
@@ -17,12 +18,23 @@ test("settings map to the server's initializationOptions", () => {
   assert.deepEqual(got, { device: "auto", maxTokens: 12, memoryCap: 1_000_000, languages: { markdown: false } });
 });
 
+test("VS Code's inline-completion context in LSP terms", () => {
+  // what VS Code hands the provider for Alt+\ with the popup open: Invoke (0), a vscode.Range
+  const range = { start: { line: 4, character: 20 }, end: { line: 4, character: 23 }, toJSON: () => ["not", "lsp"] };
+  assert.deepEqual(JSON.parse(JSON.stringify(inlineContext({ triggerKind: 0, selectedCompletionInfo: { range, text: "apply" } }))),
+    { triggerKind: 1, selectedCompletionInfo: { range: { start: { line: 4, character: 20 }, end: { line: 4, character: 23 } }, text: "apply" } });
+  assert.deepEqual(inlineContext({ triggerKind: 1 }), { triggerKind: 2 });
+});
+
 test("status bar text", () => {
   const st: Status = { model: { fingerprint: "0123456789abcdef", parameters: 5753289 }, modelError: null, device: "cpu",
     folders: [{ root: "/w", entries: 198026, files: 169, indexing: { phase: "indexing", filesDone: 3, filesTotal: 9 } }] };
   assert.equal(statusText(st).text, "$(sync~spin) 3/9 mtlsp cpu 198k");
   assert.match(statusText(st).tooltip, /198,026 memory entries in 169 files/);
   assert.equal(statusText({ ...st, model: null, modelError: "bad checksum" }).text, "$(error) mtlsp");
+  assert.equal(statusText({ ...st, model: null, modelError: null }).text, "$(sync~spin) mtlsp loading");
+  assert.equal(statusText({ ...st, folders: [{ ...st.folders[0], indexing: { phase: "ready", filesDone: 9, filesTotal: 9 } }] }).text,
+    "$(database) mtlsp cpu 198k");
 });
 
 test("the real server over stdio", { timeout: 120_000 }, async () => {
@@ -78,6 +90,11 @@ test("the real server over stdio", { timeout: 120_000 }, async () => {
     const ghost = await conn.sendRequest<{ items: { insertText: string }[] }>("textDocument/inlineCompletion",
       { textDocument: { uri }, position, context: { triggerKind: 1 } });
     assert.ok(Array.isArray(ghost.items));
+    // as the extension sends it for Alt+\ while the popup shows an item
+    const range = { start: { line, character: character - 3 }, end: position };
+    const invoked = await conn.sendRequest<{ items: unknown[] }>("textDocument/inlineCompletion", { textDocument: { uri }, position,
+      context: inlineContext({ triggerKind: 0, selectedCompletionInfo: { range, text: popup.items[0].label } }) });
+    assert.ok(Array.isArray(invoked.items));
     const why = await conn.sendRequest<{ kind: string } | null>("mtlsp/explain", { textDocument: { uri } });
     assert.ok(why && ["inline", "completion"].includes(why.kind));
     assert.equal(progress[0], "begin");
