@@ -25,11 +25,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from mtlsp_model.weights import SHIPPED, load_weights
 
-from mtlsp.encode import Encoder, bound_heap_retention
-from mtlsp.indexer import Indexer
-from mtlsp.memory import MemoryStore, StoreOptions
+from mtlsp.encode import bound_heap_retention
+from mtlsp.memory import StoreOptions
+from mtlsp.workspace import Engine
 from mtlsp.scan import read_text, walk
 from mtlsp.watch import Watcher
 
@@ -54,15 +53,14 @@ def thousand_line_file(n_funcs: int = 100) -> str:
     return "".join(parts)
 
 
-def edit_latency(loaded, encoder, work: Path, repeats: int) -> dict:
+def edit_latency(engine: Engine, work: Path, repeats: int) -> dict:
     """Add a new function to a 1,000-line file, save, wait until a search finds it."""
     ws = work / "edit_ws"
     ws.mkdir()
     text = thousand_line_file()
     (ws / "big.py").write_text(text)
-    store = MemoryStore(work / "edit_store", fingerprint=loaded.fingerprint, dim=loaded.config.head_dim,
-                        options=StoreOptions(refresh_interval=3600))
-    ix = Indexer(ws, store, encoder)
+    store, ix = engine.open_memory(ws, cap_tokens=StoreOptions.cap_tokens, cache_root=work / "edit_store")
+    store.options.refresh_interval = 3600
     ix.refresh()
     lines = text.count("\n")
 
@@ -127,16 +125,13 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path)
     a = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    loaded = load_weights(SHIPPED, device=device)
+    engine = Engine.load(None, "auto")  # the shipped model in the serving precision, as `mtlsp index` runs it
     bound_heap_retention()  # as `mtlsp index` does
-    encoder = Encoder(loaded.model, loaded.tokenizer)
     work = Path(tempfile.mkdtemp(dir=a.workdir))
-    result: dict = {"machine": f"{platform.node()}, {os.cpu_count()} cores, device {device}",
+    result: dict = {"machine": f"{platform.node()}, {os.cpu_count()} cores, device {engine.device}",
                     "date": time.strftime("%Y-%m-%d"), "command": f"python benchmarks/indexer.py --repo {a.repo}"}
     # the full index first, so that its peak resident memory is its own
-    store = MemoryStore(work / "repo_store", fingerprint=loaded.fingerprint, dim=loaded.config.head_dim)
-    ix = Indexer(a.repo, store, encoder)
+    store, ix = engine.open_memory(a.repo, cap_tokens=10**8, cache_root=work / "repo_store")
     rss_before = peak_rss_mb()
     report = ix.refresh()
     result["full_index"] = {
@@ -151,7 +146,7 @@ def main() -> None:
     result["full_index"]["peak_rss_with_ivf_build_mb"] = peak_rss_mb()
     del store, ix
     result["scan_20k_files"] = scan_20k(work)
-    result["edit_to_searchable"] = edit_latency(loaded, encoder, work, a.repeats)
+    result["edit_to_searchable"] = edit_latency(engine, work, a.repeats)
     a.out.write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
 

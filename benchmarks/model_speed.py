@@ -1,146 +1,148 @@
-"""Speed of the memorizing transformer's parts, measured in one process so ratios are fair.
+"""Speed of the shipped model as the product runs it, with a real repository in its memory.
 
-- training tokens/s of the same model with the memory off and on (full memory of
-  ``mem_capacity`` tokens per slot), interleaved round by round to cancel machine drift;
-- encoding tokens/s (text -> memory entries, the indexer's path);
-- top-k search time of the memory layer for memories of several sizes, for one token's queries
-  and for a 512-token segment's.
+- encoding chunks into memory entries (``Encoder``: the blocks up to the last memory layer);
+- reading a 384-token prompt with the memory (a fresh prompt: nothing reused), and without;
+- one decoding step with the memory, and without;
+- the bits-per-token cost of the serving precision against float32, on a few files.
 
-Usage: python benchmarks/model_speed.py [--preset cpu] [--sizes 65536,1048576] [--json out.json]
-Prints one JSON object; medians of ``--repeat`` timings.
+The memory is the repository's store, built by the indexer (IVF index once it is large), and
+the prompts are windows of the repository's own files.
+
+    python benchmarks/model_speed.py --repo /work/evalrepos/flask --out /tmp/model_speed.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import random
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
+from mtlsp_model.evaluate import score_file
+from mtlsp_model.projects import SourceFile
+from mtlsp_model.weights import load_weights
 
-from mtlsp_model.model import MemorizingTransformer
-from mtlsp_model.runner import SegmentRunner, autocast, new_memory
-from mtlsp_model.stream import Batch
-from mtlsp_model.train import PRESETS, hardware
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def random_batch(vocab: int, batch: int, seq_len: int, rng: np.random.Generator) -> Batch:
-    x = rng.integers(0, vocab, size=(batch, seq_len + 1))
-    return Batch(x[:, :-1].copy(), x[:, 1:].copy(), np.zeros(batch, dtype=bool))
+from mtlsp.chunks import chunk_file
+from mtlsp.decode import Decoder
+from mtlsp.encode import chunk_hashes, preamble
+from mtlsp.retrieval import StoreMemory
+from mtlsp.workspace import Engine
 
 
-def train_throughput(model, tc, device, rounds: int, steps: int) -> dict:
-    """Tokens/s of training steps, memory off vs on, alternating ``rounds`` times."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    rng = np.random.default_rng(0)
-    cfg = model.cfg
-    off = SegmentRunner(model, pad_id=-1, batch=tc.batch)
-    on = SegmentRunner(model, pad_id=-1, batch=tc.batch, capacity=tc.mem_capacity)
-    # Fill the memory so every search scans a full memory, as in steady-state training.
-    full = torch.randn(tc.batch, cfg.mem_kv_heads, tc.mem_capacity, cfg.head_dim, device=device)
-    on.memory.add(torch.nn.functional.normalize(full, dim=-1), full)
-    rates: dict[str, list[float]] = {"off": [], "on": []}
-    for r in range(rounds + 1):  # round 0 warms up both paths
-        for name, runner in (("off", off), ("on", on)):
-            sync(device)
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                out, _ = runner(model, random_batch(cfg.vocab_size, tc.batch, cfg.seq_len, rng))
-                out.loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            sync(device)
-            if r:
-                rates[name].append(steps * tc.batch * cfg.seq_len / (time.perf_counter() - t0))
-    off_rate, on_rate = statistics.median(rates["off"]), statistics.median(rates["on"])
-    return {"tokens_per_s_memory_off": round(off_rate), "tokens_per_s_memory_on": round(on_rate),
-            "ratio_on_off": round(on_rate / off_rate, 3), "batch": tc.batch,
-            "mem_capacity": tc.mem_capacity, "rounds": rounds, "steps_per_round": steps}
+def median_ms(xs: list[float]) -> float:
+    return 1e3 * statistics.median(xs)
 
 
-@torch.no_grad()
-def encode_throughput(model, device, repeat: int) -> dict:
-    cfg = model.cfg
-    x = torch.randint(0, cfg.vocab_size, (8, cfg.seq_len), device=device)
-    times = []
-    for i in range(repeat + 1):
-        sync(device)
-        t0 = time.perf_counter()
-        with autocast(device):
-            model.encode(x)
-        sync(device)
-        if i:
-            times.append(time.perf_counter() - t0)
-    return {"encode_tokens_per_s": round(x.numel() / statistics.median(times))}
+def encode_rate(engine: Engine, root: Path, files: list[Path], budget: int) -> dict:
+    jobs = []
+    for f in files:
+        rel = f.relative_to(root).as_posix()
+        data = f.read_bytes()
+        chunks = chunk_file(rel, data)
+        pre = preamble(data, chunks)
+        jobs += [engine.encoder.job(rel, data, c, h, pre) for c, h in zip(chunks, chunk_hashes(rel, data, chunks))]
+        if sum(len(j.ids) for j in jobs) >= budget:
+            break
+    engine.encoder.encode(jobs[:4])  # warm-up
+    t = time.perf_counter()
+    engine.encoder.encode(jobs)
+    seconds = time.perf_counter() - t
+    tokens = sum(len(j.ids) for j in jobs)
+    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
 
 
-@torch.no_grad()
-def search_times(model, device, sizes: list[int], repeat: int) -> list[dict]:
-    cfg = model.cfg
-    rows = []
-    for size in sizes:
-        memory = new_memory(model, 1, size, device)
-        chunk = 1 << 18
-        for start in range(0, size, chunk):  # fill in chunks to bound temporary memory
-            n = min(chunk, size - start)
-            k = torch.nn.functional.normalize(torch.randn(1, cfg.mem_kv_heads, n, cfg.head_dim, device=device), dim=-1)
-            memory.add(k, k)
-        row = {"entries": size, "bytes_per_entry_fp16": cfg.bytes_per_memory_token}
-        for tokens in (1, 512):
-            q = torch.nn.functional.normalize(torch.randn(1, cfg.n_head, tokens, cfg.head_dim, device=device), dim=-1)
-            times = []
-            for i in range(repeat + 1):
-                sync(device)
-                t0 = time.perf_counter()
-                memory.search(q, cfg.knn_k)
-                sync(device)
-                if i:
-                    times.append(time.perf_counter() - t0)
-            row[f"ms_{tokens}_tokens"] = round(1000 * statistics.median(times), 3)
-        rows.append(row)
-        del memory
-    return rows
+def prompts(engine: Engine, root: Path, files: list[Path], n: int, length: int, seed: int) -> list[list[int]]:
+    tok = engine.loaded.tokenizer
+    rng = random.Random(seed)
+    out = []
+    while len(out) < n:
+        f = rng.choice(files)
+        ids = tok.encode(f.read_text())
+        if len(ids) <= length:
+            continue
+        start = rng.randrange(0, len(ids) - length)
+        out.append(tok.file_header(f.relative_to(root).as_posix()) + ids[start : start + length])
+    return out
+
+
+def timings(decoder: Decoder, memory, batch: list[list[int]], steps: int) -> dict:
+    prefill, step = [], []
+    for ids in batch:
+        t = time.perf_counter()
+        ctx = decoder.prefill(ids, memory)
+        prefill.append(time.perf_counter() - t)
+        for _ in range(steps):
+            t = time.perf_counter()
+            ctx = decoder.step([ctx], [int(ctx.logits.argmax())], memory)[0]
+            step.append(time.perf_counter() - t)
+    return {"prefill_ms": {"median": median_ms(prefill), "p95": 1e3 * float(np.percentile(prefill, 95))},
+            "step_ms": {"median": median_ms(step), "p95": 1e3 * float(np.percentile(step, 95))},
+            "prompts": len(batch), "steps": len(step)}
+
+
+def precision_cost(engine: Engine, root: Path, files: list[Path], memory) -> dict:
+    """Bits per token of a few files in the serving precision and in float32 (same memory)."""
+    fp32 = load_weights(None).model
+    tok = engine.loaded.tokenizer
+    bits = {"serving": 0.0, "float32": 0.0}
+    tokens = 0
+    for f in files:
+        rel = f.relative_to(root).as_posix()
+        header = tok.file_header(rel)
+        sf = SourceFile(rel, f.read_text(), header + tok.encode(f.read_text())[:1536], len(header))
+        memory.hide = (rel,)
+        for name, model in (("serving", engine.loaded.model), ("float32", fp32)):
+            nll = score_file(model, sf, memory)
+            bits[name] += float(np.nansum(nll)) / np.log(2)
+        tokens += int((~np.isnan(nll)).sum())
+    memory.hide = ()
+    return {"tokens": tokens, "bits_per_token": {k: v / tokens for k, v in bits.items()},
+            "change": bits["serving"] / bits["float32"] - 1}
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
-    p.add_argument("--sizes", default="65536,1048576")
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--repeat", type=int, default=5)
-    p.add_argument("--skip-train", action="store_true")
-    p.add_argument("--json")
-    a = p.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.manual_seed(0)
-    mc, tc = PRESETS[a.preset]
-    model = MemorizingTransformer(mc).to(device)
-    result = {
-        "date": time.strftime("%Y-%m-%d"),
-        "hardware": hardware(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "preset": a.preset,
-        "params": model.num_params(),
-    }
-    if not a.skip_train:
-        result["train"] = train_throughput(model, tc, device, a.rounds, a.steps)
-    model.eval()
-    result.update(encode_throughput(model, device, a.repeat))
-    result["search"] = search_times(model, device, [int(s) for s in a.sizes.split(",")], a.repeat)
-    print(json.dumps(result, indent=1))
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(result, f, indent=1)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repo", type=Path, required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--prompts", type=int, default=12)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--encode-tokens", type=int, default=60_000)
+    ap.add_argument("--precision-files", type=int, default=4)
+    a = ap.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    engine = Engine.load(None, "auto")
+    files = sorted(p for p in a.repo.rglob("*.py") if ".git" not in p.parts)
+    result: dict = {"machine": f"{platform.node()}, {os.cpu_count()} cores, {platform.processor() or platform.machine()}, "
+                               f"device {engine.device}, torch {torch.__version__}",
+                    "date": time.strftime("%Y-%m-%d"),
+                    "command": f"python benchmarks/model_speed.py --repo {a.repo}"}
+    result["encode"] = encode_rate(engine, a.repo, files, a.encode_tokens)
+    print(json.dumps(result["encode"]), flush=True)
+    with tempfile.TemporaryDirectory() as cache:
+        store, indexer = engine.open_memory(a.repo, cap_tokens=10**7, cache_root=cache, ann_background=False)
+        report = indexer.refresh()
+        store.wait_for_index()
+        stats = store.stats()
+        result["memory"] = {"entries": stats["entries"], "backend": stats["backend"], "index_seconds": report.seconds,
+                            "ann": stats["ann"]}
+        print(json.dumps(result["memory"]), flush=True)
+        memory = StoreMemory(store)
+        batch = prompts(engine, a.repo, files, a.prompts, 384, seed=0)
+        timings(engine.decoder, memory, batch[:2], 2)  # warm-up
+        result["with_memory"] = timings(engine.decoder, memory, batch, a.steps)
+        result["without_memory"] = timings(engine.decoder, None, batch, a.steps)
+        print(json.dumps({k: result[k] for k in ("with_memory", "without_memory")}), flush=True)
+        picked = random.Random(1).sample(files, min(a.precision_files, len(files)))
+        result["precision"] = precision_cost(engine, a.repo, picked, memory)
+    a.out.write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .memory import Memory, Retrieved
+from .memory import Memory
 
 ARCH_FIELDS = ("vocab_size", "n_layer", "d_model", "n_head", "n_kv_head", "d_ff", "rope_theta",
                "norm_eps", "max_context", "tie_embeddings", "qkv_bias")
@@ -132,16 +132,18 @@ class Entries(NamedTuple):
 
 
 class Read(NamedTuple):
-    """What one memory head read: its retrieved entries and the attention they got.
+    """What one memory head read, per position: the entries' tokens and memory ids, and the
+    attention they got, all ``(B, T, k)``.
 
-    ``weights`` ``(B, T, k)`` are shares of the head's whole softmax (local + memory), so a
-    row sums to the fraction of attention that went to the memory.  Provenance and the kNN copy
-    are both computed from these.
+    ``weights`` are shares of the head's whole softmax (local + memory), so a row sums to the
+    fraction of attention that went to the memory (0 where a position did not read it).
+    Provenance and the kNN copy are both computed from these.
     """
 
     head: int  # index into cfg.memory_heads
     weights: Tensor
-    got: Retrieved
+    tokens: Tensor  # -1: no entry
+    source: Tensor  # -1: no entry
 
 
 class Output(NamedTuple):
@@ -277,6 +279,7 @@ class MemorizingTransformer(nn.Module):
         copy: bool = True,
         hidden: Tensor | None = None,
         from_layer: int = 0,
+        memory_from: int = 0,
     ) -> Output:
         """Read ``idx`` ``(B, T)`` after ``past`` (every layer's keys/values of earlier tokens).
 
@@ -285,9 +288,12 @@ class MemorizingTransformer(nn.Module):
         (incremental decoding).  ``copy``: mix the kNN copy distribution in (with a memory).
         ``hidden``/``from_layer``: start from the input of block ``from_layer`` (what
         ``hidden_at`` returned), which training uses to skip the frozen layers below the memory.
+        ``memory_from``: only positions from this one on (of ``idx``) read the memory: a long
+        prompt's early positions need not pay for searches (the product reads the memory at
+        the prompt's last tokens and while decoding).
         """
         x = self.embed(idx) if hidden is None else hidden
-        x, kv, reads = self._run(x, from_layer, self.cfg.n_layer, past, memory)
+        x, kv, reads = self._run(x, from_layer, self.cfg.n_layer, past, memory, memory_from)
         h = self.norm(x[:, -1:] if last_only else x)
         logp = torch.log_softmax(self.output(h).float(), dim=-1)
         if copy and reads:
@@ -300,7 +306,7 @@ class MemorizingTransformer(nn.Module):
         return self._run(self.embed(idx), 0, layer, None, None)[0]
 
     def _run(self, x: Tensor, first: int, upto: int, past: list[KV] | None, memory: Memory | None,
-             ) -> tuple[Tensor, list[KV], list[Read]]:
+             memory_from: int = 0) -> tuple[Tensor, list[KV], list[Read]]:
         """Blocks ``first..upto-1`` on ``x``; ``past[i]`` belongs to block ``first + i``."""
         B, T, _ = x.shape
         start = past[0].keys.shape[2] if past else 0
@@ -320,8 +326,8 @@ class MemorizingTransformer(nn.Module):
             new.append(KV(k, v))
             a = F.scaled_dot_product_attention(q, k, v, is_causal=start == 0 and T > 1, attn_mask=mask,
                                                enable_gqa=self.cfg.group > 1)
-            if memory is not None and i in self._mem_at:
-                a = self._memory_heads(i, a, q, q0, k, v, h.to(ad), start, memory, reads)
+            if memory is not None and i in self._mem_at and memory_from < T:
+                a = self._memory_heads(i, a, q, q0, k, v, h.to(ad), start, memory, reads, memory_from)
             x = x + block.attn.o_proj(a.transpose(1, 2).reshape(B, T, -1)).to(x.dtype)
             x = x + block.mlp(block.ln2(x)).to(x.dtype)
         return x, new, reads
@@ -332,15 +338,18 @@ class MemorizingTransformer(nn.Module):
         return torch.ones(T, start + T, dtype=torch.bool, device=device).tril(start)
 
     def _memory_heads(self, layer: int, a: Tensor, q: Tensor, q0: Tensor, k: Tensor, v: Tensor, h: Tensor,
-                      start: int, memory: Memory, reads: list[Read]) -> Tensor:
+                      start: int, memory: Memory, reads: list[Read], memory_from: int = 0) -> Tensor:
         """Recompute the memory heads of ``layer`` with local and retrieved entries in one softmax.
 
-        ``q`` are the rotated queries, ``q0`` the same before rotation, ``h`` the block's input.
+        ``q`` are the rotated queries, ``q0`` the same before rotation, ``h`` the block's input;
+        positions before ``memory_from`` keep their local attention (``a``).
         """
         cfg, mp = self.cfg, self.memory
         B, _, T, D = q.shape
+        F0 = memory_from
         cos_d, sin_d = self._fixed_rotation(q.dtype)
         out = a.clone()
+        allowed = self._mask(T, start, q.device)[F0:]  # causal rows of the positions that read memory
         by_slot: dict[int, list[tuple[int, int]]] = {}
         for m, head, slot in self._mem_at[layer]:
             by_slot.setdefault(slot, []).append((m, head))
@@ -348,27 +357,27 @@ class MemorizingTransformer(nn.Module):
             ms = [m for m, _ in members]
             hs = [hd for _, hd in members]
             kvh = hs[0] // cfg.group
-            q_local = q[:, hs]  # (B, G, T, D), rotated
+            q_local = q[:, hs, F0:]  # (B, G, T', D), rotated
             # the memory query: the unrotated query (+ adapter), rotated to the fixed distance
-            q_raw = q0[:, hs]
+            q_raw = q0[:, hs, F0:]
             if mp.up is not None:
-                q_raw = q_raw + torch.einsum("btc,gcr,grd->bgtd", h, mp.down[ms].to(h.dtype), mp.up[ms].to(h.dtype))
+                q_raw = q_raw + torch.einsum("btc,gcr,grd->bgtd", h[:, F0:], mp.down[ms].to(h.dtype),
+                                             mp.up[ms].to(h.dtype))
             q_mem = rotary(q_raw, cos_d, sin_d)
             got = memory.search(slot, q_mem.detach(), cfg.knn_k)
             scale = 1.0 / math.sqrt(D)
             local = torch.einsum("bgtd,bsd->bgts", q_local, k[:, kvh]) * scale
-            if T > 1 or start:
-                allowed = self._mask(T, start, q.device) if start else torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-                local = local.masked_fill(~allowed, float("-inf"))
+            local = local.masked_fill(~allowed, float("-inf"))
             mem = torch.einsum("bgtd,bgtkd->bgtk", q_mem, got.keys.to(q.dtype)) * scale
             mem = mem + mp.bias[ms].view(1, -1, 1, 1).to(mem.dtype)
             mem = mem.masked_fill(~got.mask, float("-inf"))
             w = torch.softmax(torch.cat((local, mem), dim=-1).float(), dim=-1).to(q.dtype)
             S = local.shape[-1]
             o = w[..., :S] @ v[:, kvh].unsqueeze(1) + torch.einsum("bgtk,bgtkd->bgtd", w[..., S:], got.values.to(q.dtype))
-            out[:, hs] = o
+            out[:, hs, F0:] = o
             for g, m in enumerate(ms):
-                reads.append(Read(m, w[:, g, :, S:], _select(got, g)))
+                reads.append(Read(m, _pad(w[:, g, :, S:], F0, 0), _pad(got.tokens[:, g], F0, -1),
+                                  _pad(got.source[:, g], F0, -1)))
         reads.sort(key=lambda r: r.head)
         return out
 
@@ -381,7 +390,7 @@ class MemorizingTransformer(nn.Module):
         of the entries it read; g grows with the share of attention that went to the memory."""
         V = logp.shape[-1]
         weights = torch.stack([r.weights[:, -1:] if last_only else r.weights for r in reads]).float()  # (M,B,T,k)
-        tokens = torch.stack([r.got.tokens[:, -1:] if last_only else r.got.tokens for r in reads])
+        tokens = torch.stack([r.tokens[:, -1:] if last_only else r.tokens for r in reads])
         share = weights.sum(-1).mean(0)  # (B, T): mean memory share over memory heads
         flat_w = weights.permute(1, 2, 0, 3).flatten(2)  # (B, T, M*k)
         flat_t = tokens.permute(1, 2, 0, 3).flatten(2).clamp(min=0)
@@ -423,5 +432,8 @@ class MemorizingTransformer(nn.Module):
         return Entries(torch.stack(keys, 1), torch.stack(values, 1))
 
 
-def _select(got: Retrieved, g: int) -> Retrieved:
-    return Retrieved(got.keys[:, g], got.values[:, g], got.mask[:, g], got.tokens[:, g], got.source[:, g])
+def _pad(x: Tensor, n: int, value: float) -> Tensor:
+    """``x`` ``(B, T', k)`` preceded by ``n`` positions filled with ``value`` along T."""
+    if not n:
+        return x
+    return torch.cat((torch.full((x.shape[0], n, *x.shape[2:]), value, dtype=x.dtype, device=x.device), x), dim=1)

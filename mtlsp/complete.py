@@ -67,7 +67,7 @@ class _Shown:
 class Recall:
     """A workspace folder's memory as completions use it."""
 
-    memory: StoreMemory
+    memory: StoreMemory | None  # None: the names below, but no kNN memory (evaluation)
     line_of: LineOf  # for provenance
     sources: candidates.Sources | None = None  # names that exist (popup candidates)
 

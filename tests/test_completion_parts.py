@@ -132,20 +132,21 @@ def test_window_start_stable_while_typing(tok):
     for k in range(len(typed) + 1):
         text = LONG_TEXT[:at] + typed[:k] + LONG_TEXT[at:]
         prompts.append(prompt.build(tok, "server.py", text, at + k, prefix_tokens=200))
-    first = prompts[0].ids
-    for p in prompts[1:]:
-        assert common_prefix(first, p.ids) >= 150
+    # the start moves only when the prompt crosses a block of dropped tokens (50 at this budget):
+    # a few typed characters cross at most one
+    moved = [common_prefix(a.ids, b.ids) < 150 for a, b in zip(prompts, prompts[1:])]
+    assert sum(moved) <= 1
 
 
-@pytest.mark.parametrize("cursor_offset", [0, 1, 3, 7])
-def test_window_start_stable_a_few_chars_apart(tok, cursor_offset):
+def test_window_start_stable_a_few_chars_apart(tok):
     c = 8000
-    a = prompt.build(tok, "server.py", LONG_TEXT, c, prefix_tokens=200)
-    b = prompt.build(tok, "server.py", LONG_TEXT, c + cursor_offset, prefix_tokens=200)
+    ps = [prompt.build(tok, "server.py", LONG_TEXT, c + k, prefix_tokens=200) for k in range(8)]
     header = len(tok.file_header("server.py"))
     # tokens are dropped in blocks of 50 from a 200 budget, one more is healed away: >= 150 kept
-    assert min(len(a.ids), len(b.ids)) >= 150 + header
-    assert common_prefix(a.ids, b.ids) >= min(len(a.ids), len(b.ids)) - 2
+    assert min(len(p.ids) for p in ps) >= 150 + header
+    # the window's start stays put, but where the prompt crosses a block of dropped tokens
+    moved = [common_prefix(a.ids, b.ids) < min(len(a.ids), len(b.ids)) - 20 for a, b in zip(ps, ps[1:])]
+    assert sum(moved) <= 1
 
 
 @pytest.mark.parametrize(

@@ -290,12 +290,13 @@ def test_cli_end_to_end_with_the_tiny_model(tmp_path, tiny_weights):
     for r in data["repositories"]:
         assert r["sites"]["evaluated"] == 3 and len(r["sites"]["rows"]) == 3
         conditions = {a["condition"] for row in r["sites"]["rows"] for a in row["attempts"]}
-        assert conditions == {"memory", "none", "bm25"}
+        assert conditions == {"memory", "memory_only", "none", "bm25"}
         assert all(len(row["jedi"]) == 3 for row in r["sites"]["rows"])
-        assert r["bits"]["files"] == 2 and r["bits"]["tokens"] > 0
+        assert r["bits"]["files"] == 2 and r["bits"]["tokens"] > 0 and r["bits"]["cross_tokens"] > 0
         assert r["memory_curve"][0]["memory_tokens"] == 0 and r["memory_curve"][-1]["whole_repository"]
         assert len(r["fresh"]) == 2 and r["memory"]["tokens"] > 0
-        assert {t["target"].split(" ")[0] for t in r["summary"]["targets"]} >= {"memory", "beats", "bits"}
+        assert {t["target"].split(" ")[0] for t in r["summary"]["targets"]} >= {"identifier", "popup", "new-function",
+                                                                                  "bits"}
     md = (out / "eval.md").read_text()
     assert "## ledgers" in md and "## books" in md and "CrossCodeEval" in md
     for png in ("bits_vs_memory.png", "hit_rate_vs_typed.png"):

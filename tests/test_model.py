@@ -97,6 +97,19 @@ def test_empty_memory_leaves_the_base_unchanged(model, tok):
     torch.testing.assert_close(model(ids, memory=empty).logits, model(ids).logits, atol=1e-6, rtol=1e-6)
 
 
+def test_memory_from_limits_which_positions_read_the_memory(model, tok):
+    mem = memory_of(model, tok, [SRC])
+    ids = ids_of(tok, "x = total(lines)\n")
+    T = ids.shape[1]
+    full = model(ids, memory=mem)
+    torch.testing.assert_close(model(ids, memory=mem, memory_from=0).logits, full.logits)
+    torch.testing.assert_close(model(ids, memory=mem, memory_from=T).logits, model(ids).logits)
+    late = model(ids, memory=mem, memory_from=T - 3)
+    torch.testing.assert_close(late.logits[:, : T - 3], model(ids).logits[:, : T - 3])  # earlier: base alone
+    assert all((r.weights[:, : T - 3] == 0).all() and (r.source[:, : T - 3] == -1).all() for r in late.reads)
+    assert all((r.weights[:, T - 3 :].sum(-1) > 0).all() for r in late.reads)
+
+
 def test_memory_search_is_exact_and_hides_files(model, tok):
     mem = memory_of(model, tok, [SRC, "import os\nprint(os.getcwd())\n"])
     q = torch.randn(1, 2, 5, 8)
@@ -172,7 +185,7 @@ def test_copy_puts_mass_on_the_tokens_the_memory_heads_read(model, tok):
         model.memory.copy_gate.fill_(10.0)
     out = model(ids, memory=mem)
     plain = model(ids, memory=mem, copy=False)
-    read = torch.cat([r.got.tokens[0, -1] for r in out.reads])
+    read = torch.cat([r.tokens[0, -1] for r in out.reads])
     weights = torch.cat([r.weights[0, -1] for r in out.reads])
     best = int(read[weights.argmax()])
     assert out.logits[0, -1, best] > plain.logits[0, -1, best]

@@ -284,13 +284,30 @@ async def test_unsaved_new_function_reaches_the_memory_within_a_second(client, w
     # the other file's completion reads a memory that now holds the new function
     text = REPORT.replace("pricing.line_total(2, 3)", "pricing.qzx")
     other = open_doc(client, workspace / "app" / "report.py", text)
-    assert (await popup(client, other, position_after(text, "pricing.qzx"))).items
+    items = (await popup(client, other, position_after(text, "pricing.qzx"))).items
+    assert [i.label for i in items] == ["qzx_fold_ledger"]  # the one existing name it can become
     # closing the unsaved buffer returns the memory to the file on disk
     client.text_document_did_close(t.DidCloseTextDocumentParams(t.TextDocumentIdentifier(uri)))
     t0 = time.monotonic()
     while (await status(client))["folders"][0]["entries"] > before + len(REPORT):  # report.py is open too
         assert time.monotonic() - t0 < 10
         await asyncio.sleep(0.05)
+
+
+async def test_a_name_typed_a_moment_ago_is_a_candidate_before_the_memory_has_it(client, workspace):
+    """Within the debounce the memory still holds the file on disk, but the popup already offers
+    the function typed into the other buffer: open buffers are read for the names they define."""
+    await initialize(client, [workspace], options={"debounceMs": 10_000})
+    before = (await wait_ready(client))["folders"][0]["entries"]
+    uri = open_doc(client, workspace / "app" / "pricing.py")
+    new = PRICING + "\n\ndef vqk_tally_rows(rows: list[int]) -> int:\n    return len(rows)\n"
+    client.text_document_did_change(t.DidChangeTextDocumentParams(
+        t.VersionedTextDocumentIdentifier(version=2, uri=uri), [t.TextDocumentContentChangeWholeDocument(new)]))
+    text = REPORT.replace("pricing.line_total(2, 3)", "pricing.vq")
+    other = open_doc(client, workspace / "app" / "report.py", text)
+    items = (await popup(client, other, position_after(text, "pricing.vq"))).items
+    assert "vqk_tally_rows" in [i.label for i in items]
+    assert (await status(client))["folders"][0]["entries"] == before  # not yet in the memory
 
 
 async def test_configuration_by_init_options_and_did_change(client, workspace):

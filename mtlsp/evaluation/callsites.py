@@ -5,9 +5,12 @@ user would type it.  Each cut asks the ``Completer`` for ghost text (the line co
 scored) and for the popup list (scored by the rank of the callee's name), under:
 
 - ``memory``: the repository's store, with the calling file hidden (its stored copy holds the
-  very line being completed);
-- ``none``: the same model and prompts, no memory;
-- ``bm25``: no memory, other files' best BM25 chunks stuffed in front of the prompt.
+  very line being completed), and the candidate names the server ranks (``candidates.py``);
+- ``memory_only``: the same memory with the candidate ranking switched off: the model spells
+  every name itself, so the memory's own share is visible;
+- ``none``: the same model, prompts and candidate names, no memory;
+- ``bm25``: no memory, other files' best BM25 chunks stuffed in front of the prompt (candidate
+  names as in ``none``).
 
 One document per site and condition keeps the server's per-document caches honest: the second
 and third keystrokes reuse the first's model state exactly as in an editor.
@@ -51,6 +54,7 @@ class Condition:
     name: str
     recall: Recall | None = None
     stuffing: dict[str, list[int]] = field(default_factory=dict)  # site key -> preamble ids
+    names: bool = True  # rank existing names (the server's behaviour) or let the model spell them
 
 
 @dataclass
@@ -92,10 +96,11 @@ def complete_site(
                 continue
             cut_text, cursor = cut(text, site, typed)
             inline = completer.inline(uri, site.path, cut_text, cursor, condition.recall,
-                                      max_tokens=max_tokens, preamble=preamble)
+                                      max_tokens=max_tokens, preamble=preamble, names=condition.names)
             prediction = site.name[:typed] + inline.text.split("\n", 1)[0]
             t0 = time.perf_counter()
-            _, items = completer.popup(uri, site.path, cut_text, cursor, condition.recall, preamble=preamble)
+            _, items = completer.popup(uri, site.path, cut_text, cursor, condition.recall, preamble=preamble,
+                                       names=condition.names)
             popup_ms = (time.perf_counter() - t0) * 1000
             words = [c.word for c in items]
             attempts.append(Attempt(

@@ -112,6 +112,7 @@ def run_trial(
     completer: Completer,
     indexer: Indexer,
     recall: Recall,
+    control: Recall | None,  # the same candidate names, no memory
     lines: LineIndex,  # recall's line_of: follows the edit, for the provenance check
     texts: dict[str, str],
     defined_in: str,
@@ -131,7 +132,7 @@ def run_trial(
         indexer.update_text(defined_in, edited)
         lines.set(defined_in, edited)
         trial = Trial(name, defined_in, called_from, (time.perf_counter() - t0) * 1000)
-        for condition, rec in (("memory", recall), ("none", None)):
+        for condition, rec in (("memory", recall), ("none", control)):
             uri = f"eval://fresh-{condition}/{called_from}"
             for typed in typed_counts:
                 text = caller_text(texts[called_from], module, alias, name[:typed])

@@ -68,7 +68,7 @@ def plot_typed(results: list[dict], path: Path) -> None:
     for r in results:
         s = r["summary"]
         name = r["repository"]
-        for cond, style in (("memory", "-o"), ("none", "--s"), ("bm25", ":^")):
+        for cond, style in (("memory", "-o"), ("memory_only", "-.d"), ("none", "--s"), ("bm25", ":^")):
             row = s["lines"].get(cond)
             if row:
                 xs = [t for t in TYPED if t in row]
@@ -112,9 +112,11 @@ def markdown(results: list[dict], meta: dict, paths: dict[str, Path]) -> str:
         out += ["### Targets", "", "| target | measured | met |", "|---|---|---|"]
         out += [f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else '**no**'} |" for t in s["targets"]]
         out += ["", "### Bits per token (each file with the rest of the repository in memory)", "",
-                "| files | tokens | no memory | memory | reduction |", "|---|---|---|---|---|",
-                f"| {b['files']} | {b['tokens']:,} | {b['bits_per_token_plain']:.3f} | "
-                f"{b['bits_per_token_memory']:.3f} | {_pct(b['reduction'])}% |", ""]
+                "| tokens | files | count | no memory | memory | reduction |", "|---|---|---|---|---|---|",
+                f"| all | {b['files']} | {b['tokens']:,} | {b['bits_per_token_plain']:.3f} | "
+                f"{b['bits_per_token_memory']:.3f} | {_pct(b['reduction'])}% |",
+                f"| cross-file identifiers | {b['files']} | {b['cross_tokens']:,} | {b['cross_bits_per_token_plain']:.3f} | "
+                f"{b['cross_bits_per_token_memory']:.3f} | {_pct(b['cross_reduction'])}% |", ""]
         out += ["Memory-size curve: " + ", ".join(
             f"{p['memory_tokens']:,} → {p['bits_per_token']:.3f}" for p in r["memory_curve"]), ""]
         st = r["stuffing"]
@@ -154,10 +156,17 @@ def markdown(results: list[dict], meta: dict, paths: dict[str, Path]) -> str:
         out += ["", f"### Newly defined functions ({f['trials']} trials)", "",
                 "| condition | " + " | ".join(f"{t} typed" for t in TYPED) + " |", "|---|---|---|---|"]
         for cond in ("memory", "none"):
-            out.append(f"| {cond}: hit | " + " | ".join(_pct(f["hit_rate"][cond].get(t)) for t in TYPED) + " |")
+            out.append(f"| {cond}: popup top-1 | " + " | ".join(_pct(f["hit_rate"][cond].get(t)) for t in TYPED) + " |")
+        out.append("| memory: ghost text starts with the name | "
+                   + " | ".join(_pct(f["ghost_rate"].get(t)) for t in TYPED) + " |")
         out.append("| memory: new lines among the top support | "
                    + " | ".join(_pct(f["definition_retrieved"].get(t)) for t in TYPED) + " |")
-        out += ["", f"Edit → first correct completion: p50 {_ms(f['first_correct_ms_p50'])} ms over the "
+        out += ["", "Conditions: *memory* is the server (memory and candidate names ranked by the model); "
+                "*memory_only* the same memory with the candidate ranking off (the model spells names itself); "
+                "*none* the same candidate names, no memory; *bm25* no memory, BM25 chunks stuffed in the "
+                "prompt.", ""]
+        out += ["", f"Edit → first correct completion: p50 {_ms(f['first_correct_ms_p50'])} ms, p95 "
+                f"{_ms(f['first_correct_ms_p95'])} ms over the "
                 f"{f['first_correct_trials']} trials that hit; writing the edit into the memory: p50 "
                 f"{_ms(f['update_ms_p50'])} ms.", ""]
     return "\n".join(out) + "\n"
