@@ -1,8 +1,8 @@
 """MODEL_CARD.md for a weights directory, written from what training and evaluation recorded.
 
-Everything in the card comes from files next to the weights (``config.json``'s training summary,
-``corpus_manifest.json``) and from an evaluation results file, so the card cannot drift from
-the numbers.
+Everything in the card comes from files next to the weights (``config.json``: base, memory
+heads, training history; ``corpus_manifest.json``) and from ``python -m mtlsp_model eval``
+results files, so the card cannot drift from the numbers.
 """
 
 from __future__ import annotations
@@ -10,88 +10,72 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .model import ModelConfig
 from .weights import CONFIG
 
 
-def _eval_table(results: dict) -> list[str]:
-    lines = []
-    repos = results.get("repositories", [])
-    if repos:
-        sizes = list(repos[0]["by_memory"])
-        head = " | ".join(f"memory {s}" for s in sizes)
-        lines += [
-            "Bits per token (bits per byte in brackets); each repository's Python files streamed as"
-            " one document in 512-token segments with the XL cache; memory = the most recent N tokens"
-            " of that document (`all` = everything before the segment).",
-            "",
-            f"| repository | tokens scored | {head} | change at `all` |",
-            "|---|---|" + "---|" * len(sizes) + "---|",
-        ]
-        for r in repos:
-            rows = r["by_memory"]
-            cells = " | ".join(f"{rows[s]['bits_per_token']:.3f} ({rows[s]['bits_per_byte']:.3f})" for s in sizes)
-            change = ""
-            if "0" in rows and "all" in rows:
-                change = f"{100 * (rows['all']['bits_per_token'] / rows['0']['bits_per_token'] - 1):+.1f}%"
-            name = Path(r["repository"]).name
-            lines.append(f"| {name} | {rows[sizes[0]]['tokens']:,} | {cells} | {change} |")
-        lines.append("")
-    for f in results.get("files", []):
-        lines.append(
-            f"- `{Path(f['repo']).name}/{f['glob']}` ({f['files']} files, each alone behind its path header, "
-            f"512-token windows, stride 256, memory off): **{f['bits_per_byte']:.3f} bits per byte** "
-            f"({f['bits_per_token']:.3f} bits per token)."
-        )
-    return lines
+def _pct(x: float | None) -> str:
+    return "—" if x is None else f"{100 * x:+.1f}%"
 
 
-def write_model_card(weights: Path, results: dict, *, title: str, notes: str = "") -> Path:
+def _eval_rows(label: str, results: dict) -> list[str]:
+    rows = []
+    for r in results.get("repositories", []):
+        for part, name, count in (("all", "all", r["tokens"]), ("cross", "cross-file identifiers", r["cross_tokens"])):
+            b = r[part]["bits_per_token"]
+            change = r[part].get("change_vs_none", {})
+
+            def cell(cond: str) -> str:
+                return f"{b[cond]:.3f} ({_pct(change.get(cond))})" if cond in b else "—"
+
+            gap = r[part].get("gap_closed")
+            rows.append(f"| {label} | {r['repository']} | {name} | {count:,} | {b['none']:.3f} | {cell('memory')} | "
+                        f"{cell('control')} | {cell('stuffed')} | {'—' if gap is None else f'{100 * gap:.0f}%'} |")
+    return rows
+
+
+def write_model_card(weights: Path, evaluations: dict[str, Path], notes: str = "") -> Path:
+    """Write ``weights/MODEL_CARD.md``; ``evaluations``: label (e.g. "trained") -> eval JSON."""
     weights = Path(weights)
     config = json.loads((weights / CONFIG).read_text())
-    training = config.get("training", {})
-    manifest = json.loads((weights / "corpus_manifest.json").read_text())
-    totals = manifest["totals"]
-    cfg = ModelConfig.from_dict(config["model"])
-    size = sum(f.stat().st_size for f in weights.glob("model-*.safetensors"))
-    rates = training.get("tokens_per_s", {})
-    val = training.get("val", {})
-    kv = cfg.mem_kv_heads
+    manifest_path = weights / "corpus_manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    base, mem, training = config["base"], config["memory"], config.get("training") or {}
+    heads = ", ".join(f"L{layer}H{h}" for layer, h in mem["memory_heads"])
     lines = [
-        f"# {title}",
-        "",
-        notes.strip(),
-        "",
-        "## Model",
-        "",
-        f"- Memorizing transformer, {training.get('params', 0) / 1e6:.2f}M parameters: {cfg.n_layer} layers, "
-        f"width {cfg.d_model}, {cfg.n_head} heads, {cfg.vocab_size:,}-token byte-level BPE, segments of "
-        f"{cfg.seq_len} tokens, Transformer-XL cache of the previous segment "
-        f"({'on' if cfg.xl_cache else 'off'}).",
-        f"- kNN memory layer: block {cfg.memory_layer + 1}"
-        f" of {cfg.n_layer}, top-{cfg.knn_k} retrieval, {'one shared key/value head' if kv == 1 else f'{kv} key/value heads'}: "
-        f"{cfg.bytes_per_memory_token} bytes per memorised token in fp16.",
-        f"- Weights: {config['dtype']} safetensors, {size / 1e6:.1f} MB.",
-        "",
-        "## Training",
-        "",
-        f"- Corpus: {totals['documents']} repository-documents ({totals['files']:,} files, "
-        f"{totals['bytes'] / 1e6:.0f} MB, {totals['tokens'] / 1e6:.1f}M tokens; "
-        f"{totals['train_tokens'] / 1e6:.1f}M in the training split) from {', '.join(manifest['roots'])}.",
-        f"- Evaluation repositories found in the roots and excluded: {', '.join(manifest['excluded']) or 'none'}. "
-        "Full list of what was included: `corpus_manifest.json`.",
-        f"- Tokens seen: {training.get('tokens_seen', 0):,} in {training.get('steps', 0):,} steps; "
-        f"wall time {training.get('wall_time_s', 0) / 60:.1f} min of training steps on {training.get('hardware', '?')}.",
-        f"- Throughput: {rates.get('off')} tokens/s with the memory off, {rates.get('on')} tokens/s with it on"
-        " (the memory is switched on for the last part of training).",
-        f"- Held-out validation documents at the end: {val.get('val_bits_nomem')} bits per token without memory, "
-        f"{val.get('val_bits_mem')} with it.",
-        "",
-        "## Evaluation",
-        "",
-        *_eval_table(results),
-        "",
+        "# mtlsp memory heads for SmolLM2-135M-Instruct", "",
+        f"- **Base** (fetched, not shipped): `{base.get('package')}=={base.get('version')}` "
+        f"(wheel SHA-256 `{base.get('wheel_sha256')}`), `{base.get('source')}`, converted fingerprint "
+        f"`{base['fingerprint']}`. 30 layers, width 576, 9 query and 3 key/value heads of 64, vocabulary 49,152.",
+        f"- **Memory heads**: {heads}; top-{mem['knn_k']} per head; retrieved entries read at a distance of "
+        f"{mem['mem_distance']}; rank-{mem['adapter_rank']} query adapters.",
+        "- **Shipped here**: the memory heads' parameters only (`memory.safetensors`).",
     ]
+    if training:
+        hist = training.get("history", [])
+        last = hist[-1] if hist else {}
+        cfg = training.get("config", {})
+        lines += [
+            f"- **Training**: {training.get('recipe')}, {last.get('step', 0)} steps of {cfg.get('accumulate')} "
+            f"windows of {cfg.get('window')} tokens, {last.get('seconds', 0) / 60:.0f} min on {training.get('hardware')}.",
+            f"- **Held-out loss** (whole projects kept out): NLL {hist[0]['nll']:.4f} → {last.get('nll', 0):.4f} nats/token."
+            if hist else "",
+        ]
+    docs = manifest.get("documents", [])
+    if docs:
+        lines.append(f"- **Training corpus**: {len(docs)} site-packages documents "
+                     f"({sum(d['bytes'] for d in docs) / 1e6:.0f} MB); excluded by rule: "
+                     f"{', '.join(manifest.get('exclude_list', []))} (found and left out: "
+                     f"{', '.join(manifest.get('excluded', [])) or 'none'}). Full list in `corpus_manifest.json`.")
+    lines += ["", "## Bits per token, leaving one file out", "",
+              "Each scored file is read in 512-token windows behind its file header, with the rest of its "
+              "repository in memory (its own entries hidden), and without. *control*: an unrelated "
+              "repository's memory instead. *stuffed*: no memory; each window read after the most related "
+              "chunks of other files (up to 1,024 tokens). *gap closed*: (none − memory) / (none − stuffed).", "",
+              "| weights | repository | tokens | count | none | memory | control | stuffed | gap closed |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for label, path in evaluations.items():
+        lines += _eval_rows(label, json.loads(Path(path).read_text()))
+    lines += ["", notes.strip(), ""]
     out = weights / "MODEL_CARD.md"
-    out.write_text("\n".join(lines))
+    out.write_text("\n".join(line for line in lines if line is not None) + "\n")
     return out

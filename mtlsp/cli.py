@@ -1,10 +1,13 @@
-"""The ``mtlsp`` command.
+"""mtlsp: code completion over LSP from a memorizing transformer that reads your project.
 
-``mtlsp serve`` is the language server (stdio, or ``--tcp HOST:PORT``); ``mtlsp demo`` runs a
-real LSP session against it on a sample workspace with the shipped weights; ``mtlsp index
-PATH... [--watch | --status]`` builds and keeps fresh the persistent memory of workspace
-folders; ``mtlsp eval REPO...`` measures completion with and without the memory on real
-repositories, against jedi and BM25 retrieval; ``mtlsp model ...`` is the model package's own command line (corpus, train, eval).
+  mtlsp serve [--tcp HOST:PORT]         the language server (stdio by default): what an editor starts
+  mtlsp demo                            an LSP session against the server on a sample workspace
+  mtlsp index PATH... [--watch]         build and keep fresh the memory of workspace folders
+  mtlsp index --status PATH...          what each folder's memory holds
+  mtlsp eval REPO...                    completion with and without the memory, against jedi and BM25
+  mtlsp model fetch|heads|train|eval    the model package (base model, memory heads, training)
+
+Each command takes --help.
 """
 
 from __future__ import annotations
@@ -18,8 +21,6 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
-        print("\nusage: mtlsp serve [--tcp HOST:PORT] | mtlsp demo | mtlsp index PATH... [--watch | --status]"
-              " | mtlsp eval REPO... | mtlsp model COMMAND ...  (each takes --help)")
         return
     if argv[0] == "serve":
         from .serve_cli import main as serve_main
@@ -40,4 +41,4 @@ def main(argv: list[str] | None = None) -> None:
     elif argv[0] == "model":
         model_main(argv[1:])
     else:
-        sys.exit(f"mtlsp: unknown command {argv[0]!r} (try: mtlsp serve, mtlsp demo, mtlsp index --help, mtlsp eval --help, mtlsp model --help)")
+        sys.exit(f"mtlsp: unknown command {argv[0]!r} (try: mtlsp --help)")

@@ -161,7 +161,7 @@ async def session(a: argparse.Namespace) -> None:
 
 
 def main(argv: list[str]) -> None:
-    ap = argparse.ArgumentParser(prog="mtlsp demo", description=__doc__,
+    ap = argparse.ArgumentParser(prog="mtlsp demo", description=__doc__.replace("``", ""),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workspace", type=Path, default=SAMPLE)
     ap.add_argument("--weights", type=Path, help="memory weights directory (default: the shipped weights)")

@@ -87,7 +87,7 @@ class _Serial:
 
 
 def main(argv: list[str]) -> None:
-    ap = argparse.ArgumentParser(prog="mtlsp eval", description=__doc__,
+    ap = argparse.ArgumentParser(prog="mtlsp eval", description=__doc__.replace("``", ""),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("repos", nargs="+", type=Path, help="repository checkouts")
     ap.add_argument("--out", type=Path, default=Path("mtlsp-eval"), help="report directory (default: ./mtlsp-eval)")

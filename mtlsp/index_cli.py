@@ -66,7 +66,7 @@ def status(paths: list[Path], cache_root: str | None) -> None:
 
 
 def main(argv: list[str]) -> None:
-    ap = argparse.ArgumentParser(prog="mtlsp index", description=__doc__,
+    ap = argparse.ArgumentParser(prog="mtlsp index", description=__doc__.replace("``", ""),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("paths", nargs="+", type=Path)
     ap.add_argument("--watch", action="store_true", help="keep the memory fresh until interrupted")

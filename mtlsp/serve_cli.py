@@ -16,7 +16,7 @@ from .server import build_server
 
 
 def main(argv: list[str]) -> None:
-    ap = argparse.ArgumentParser(prog="mtlsp serve", description=__doc__,
+    ap = argparse.ArgumentParser(prog="mtlsp serve", description=__doc__.replace("``", ""),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tcp", metavar="HOST:PORT", help="listen on TCP instead of stdio")
     ap.add_argument("--weights", type=Path, help="memory weights directory (default: the shipped weights)")

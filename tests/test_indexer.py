@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from conftest import random_model
 
 from mtlsp.chunks import chunk_file

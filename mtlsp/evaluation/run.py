@@ -20,16 +20,16 @@ import torch
 from mtlsp_model.corpus import refuse_trained_on
 
 from .. import prompt
+from ..candidates import Sources
 from ..complete import Completer, Recall
 from ..memory_files import default_cache_root
 from ..retrieval import StoreMemory
 from ..scan import ScanOptions, read_text, walk
 from ..settings import Settings
+from ..static import Jedi
 from ..workspace import Engine
 from . import bits, callsites, fresh, metrics
 from .bm25 import BM25, query_before
-from ..candidates import Sources
-from ..static import Jedi
 from .sites import Site, cut, find_sites, sample
 
 TYPED = (0, 1, 2)
