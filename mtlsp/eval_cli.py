@@ -10,8 +10,9 @@ server does, then measures, with memory and without (same model, same prompts):
 - new functions: hit rate and time from the edit to the first correct completion;
 - latency of popup and ghost-text completion.
 
-Writes ``eval.json``, ``eval.md`` and two PNG plots to ``--out``.  Repositories the model was
-trained on (its corpus manifest) are refused.
+Writes ``eval.json`` (every site), ``summary.json`` (without the per-site rows), ``eval.md`` and
+two PNG plots to ``--out``.  Repositories the model was trained on (its corpus manifest) are
+refused.
 """
 
 from __future__ import annotations

@@ -287,6 +287,9 @@ def test_cli_end_to_end_with_the_tiny_model(tmp_path, tiny_weights):
     assert done.returncode == 0, done.stderr[-3000:]
     data = json.loads((out / "eval.json").read_text())
     assert [r["repository"] for r in data["repositories"]] == ["ledgers", "books"]
+    summary = json.loads((out / "summary.json").read_text())["repositories"]
+    assert [s["summary"] for s in summary] == [r["summary"] for r in data["repositories"]]
+    assert all("rows" not in s["sites"] and "per_file" not in s["bits"] for s in summary)
     for r in data["repositories"]:
         assert r["sites"]["evaluated"] == 3 and len(r["sites"]["rows"]) == 3
         conditions = {a["condition"] for row in r["sites"]["rows"] for a in row["attempts"]}

@@ -1,4 +1,7 @@
-"""Results → ``eval.json``, ``eval.md`` (tables) and two PNG plots.
+"""Results → ``eval.json`` (every site), ``summary.json``, ``eval.md`` (tables) and two PNG plots.
+
+The raw ``eval.json`` stays in the run's folder; ``summary.json`` drops the per-site and per-file
+rows, so a report that is committed is small enough to read.
 
 The Markdown report puts our numbers next to CrossCodeEval's published Python numbers for small
 models, so a reader can place them.
@@ -34,16 +37,29 @@ def write(results: list[dict], out: Path, meta: dict) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = {
         "json": out / "eval.json",
+        "summary": out / "summary.json",
         "markdown": out / "eval.md",
         "curve": out / "bits_vs_memory.png",
         "typed": out / "hit_rate_vs_typed.png",
     }
     paths["json"].write_text(json.dumps({"meta": meta, "repositories": results}, indent=1, default=str) + "\n")
+    paths["summary"].write_text(json.dumps({"meta": meta, "repositories": [summary(r) for r in results]},
+                                           indent=1, default=str) + "\n")
     done = [r for r in results if "error" not in r]
     plot_curve(done, paths["curve"])
     plot_typed(done, paths["typed"])
     paths["markdown"].write_text(markdown(results, meta, paths))
     return paths
+
+
+def summary(result: dict) -> dict:
+    """One repository's result without its per-site, per-file and per-trial rows."""
+    out = {k: v for k, v in result.items() if k not in ("fresh",)}
+    if "bits" in out:
+        out["bits"] = {k: v for k, v in out["bits"].items() if k != "per_file"}
+    if "sites" in out:
+        out["sites"] = {k: v for k, v in out["sites"].items() if k != "rows"}
+    return out
 
 
 def plot_curve(results: list[dict], path: Path) -> None:
