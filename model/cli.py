@@ -108,7 +108,10 @@ def cmd_train(a: argparse.Namespace) -> None:
         print(f"prepared in {time.time() - t0:.0f} s", flush=True)
     trainer = Trainer(model, out, cfg)
     history = trainer.train(time_budget=a.time_budget)
-    info = {"training": {"recipe": "context-to-memory distillation", "config": cfg.__dict__, "history": history,
+    recipe = "next-token loss with the rest of the project in memory"
+    if cfg.kl_weight:
+        recipe += f" + {cfg.kl_weight} x KL to the model with related chunks in its prompt (distillation)"
+    info = {"training": {"recipe": recipe, "config": cfg.__dict__, "history": history,
                          "hardware": a.hardware}}
     save_weights(model, out / "weights", base=_base_record(loaded), info=info)
     (out / "weights" / "corpus_manifest.json").write_text((out / "corpus_manifest.json").read_text())

@@ -11,6 +11,11 @@ is to rank them (``rank.py``).  The sources, in the order they are merged:
   ago in another file is a candidate before the memory has even been updated;
 - the identifiers of the current file;
 - the language's builtins and keywords (Python).
+
+After ``alias.`` where ``alias`` is a Python module of the workspace (bound by an import in the
+current file), the candidates are that module's top-level names only, read from its open buffer
+if it has one, else from disk: jedi does the same for saved files, but a function typed a moment
+ago in the module's unsaved buffer is also an attribute, and nothing else is.
 """
 
 from __future__ import annotations
@@ -19,11 +24,99 @@ import builtins
 import keyword
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+
+from .chunks import defined_names
 
 IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _PYTHON = frozenset(dir(builtins)) | frozenset(keyword.kwlist)
 _DEFINING = re.compile(r"\b(def|class|function|func|fn|struct|interface|type)\s+\w*\Z")
+_IMPORT = re.compile(r"^[ \t]*import[ \t]+([^\n#;]+)", re.M)
+_FROM = re.compile(r"^[ \t]*from[ \t]+(\.*[\w.]*)[ \t]+import[ \t]+(\([^)]*\)|[^\n#;]+)", re.M)
+_CHAIN = re.compile(r"([A-Za-z_][\w]*(?:\.[A-Za-z_]\w*)*)\.\Z")
+_ALIAS = re.compile(r"([\w.]+)(?:\s+as\s+(\w+))?")
+_PACKAGE_ROOTS = ("", "src")  # where absolute imports of a workspace's own packages start
+
+
+def module_aliases(text: str) -> dict[str, str]:
+    """Names the imports of a Python file bind to modules: ``import a.b`` binds ``a`` → ``a``,
+    ``import a.b as x`` binds ``x`` → ``a.b``, ``from .p import m`` binds ``m`` → ``.p.m`` (which
+    may turn out not to be a module; resolution decides)."""
+    out: dict[str, str] = {}
+    for m in _IMPORT.finditer(text):
+        for part in m.group(1).split(","):
+            a = _ALIAS.fullmatch(part.strip())
+            if a:
+                out[a.group(2) or a.group(1).split(".")[0]] = a.group(1) if a.group(2) else a.group(1).split(".")[0]
+    for m in _FROM.finditer(text):
+        origin = m.group(1)
+        for part in m.group(2).strip("() \t\n").split(","):
+            a = _ALIAS.fullmatch(part.strip())
+            if a and "." not in a.group(1):
+                sep = "" if origin.endswith(".") else "."
+                out[a.group(2) or a.group(1)] = f"{origin}{sep}{a.group(1)}"
+    return out
+
+
+def module_files(importer: str, dotted: str) -> list[str]:
+    """Workspace-relative files that may hold module ``dotted`` imported from file ``importer``
+    (``.x`` is relative to the importer's package), most likely first."""
+    level = len(dotted) - len(dotted.lstrip("."))
+    parts = [p for p in dotted[level:].split(".") if p]
+    if level:
+        base = PurePosixPath(importer).parent
+        for _ in range(level - 1):
+            base = base.parent
+        bases = [base]
+    else:
+        bases = [PurePosixPath(r) for r in _PACKAGE_ROOTS]
+    out = []
+    for b in bases:
+        stem = b.joinpath(*parts) if parts else b
+        out += [f"{stem}.py", f"{stem / '__init__.py'}"] if parts else [f"{stem / '__init__.py'}"]
+    return [o[2:] if o.startswith("./") else o for o in out]
+
+
+@dataclass
+class ModuleNames:
+    """Top-level names of the workspace's Python modules, as their current text defines them.
+
+    ``read(rel)`` returns a file's current text (its open buffer, else disk; None if absent).
+    Results are kept per text, so keystrokes in another file cost a dictionary lookup."""
+
+    read: Callable[[str], str | None]
+    _cache: dict[str, tuple[str, list[str]]] = field(default_factory=dict)
+
+    def __call__(self, importer: str, dotted: str) -> list[str] | None:
+        for rel in module_files(importer, dotted):
+            text = self.read(rel)
+            if text is None:
+                continue
+            cached = self._cache.get(rel)
+            if cached is None or cached[0] != text:
+                names = [n for _, n in defined_names(rel, text.encode("utf-8"), depth=0)]
+                names += module_aliases(text)  # what it imports is an attribute too
+                cached = self._cache[rel] = (text, names)
+            return cached[1]
+        return None
+
+
+def attribute_module(path: str, text: str, word_start: int, modules: ModuleNames | None) -> list[str] | None:
+    """The names of the workspace module before ``alias.`` at ``word_start``, or None where the
+    expression is not one (``self.``, a library module, a file that is not Python)."""
+    if modules is None or not path.endswith((".py", ".pyi")):
+        return None
+    line_start = text.rfind("\n", 0, word_start) + 1
+    chain = _CHAIN.search(text[line_start:word_start])
+    if chain is None:
+        return None
+    head, _, rest = chain.group(1).partition(".")
+    target = module_aliases(text).get(head)
+    if target is None:
+        return None
+    dotted = f"{target}.{rest}" if rest else target
+    return modules(path, dotted)
 
 
 @dataclass(frozen=True)
@@ -32,6 +125,7 @@ class Sources:
 
     names: Callable[[], Iterable[str]]  # the memory's chunks and the open buffers
     static: Callable[[str, str, int], list[str]] | None = None  # (path, text, cursor) -> jedi's names
+    modules: ModuleNames | None = None  # the workspace's Python modules, for ``alias.``
 
 
 def identifier_position(line_before: str, typed: str) -> bool:
@@ -45,7 +139,8 @@ def identifier_position(line_before: str, typed: str) -> bool:
 
 def pool(path: str, text: str, cursor: int, typed: str, sources: Sources | None, limit: int = 4000) -> list[str]:
     """Existing names that complete ``typed`` (longer than it), best-informed sources first.
-    After ``x.`` the language's builtins and keywords are left out: they are not attributes."""
+    After ``x.`` the language's builtins and keywords are left out: they are not attributes; after
+    ``module.`` (a workspace module) only static analysis and the module's own names count."""
     out: dict[str, None] = {}
 
     def add(names: Iterable[str]) -> None:
@@ -57,9 +152,13 @@ def pool(path: str, text: str, cursor: int, typed: str, sources: Sources | None,
 
     if sources is not None and sources.static is not None and path.endswith((".py", ".pyi")):
         add(sources.static(path, text, cursor))
+    word_start = cursor - len(typed)
+    module = attribute_module(path, text, word_start, sources.modules if sources is not None else None)
+    if module is not None:
+        add(module)
+        return list(out)
     if sources is not None:
         add(sources.names())
-    word_start = cursor - len(typed)
     add(m.group(0) for m in IDENTIFIER.finditer(text) if not m.start() <= word_start <= m.end())
     attribute = text[:word_start].endswith(".")
     if path.endswith((".py", ".pyi")) and not attribute:

@@ -23,7 +23,7 @@ import torch
 from mtlsp_model.runtime import for_inference
 from mtlsp_model.weights import Loaded, load_weights
 
-from .candidates import Sources
+from .candidates import ModuleNames, Sources
 from .chunks import defined_names
 from .complete import Completer, Recall
 from .decode import Decoder
@@ -31,7 +31,7 @@ from .encode import Encoder
 from .indexer import Indexer, Progress, Report
 from .memory import MemoryStore, StoreOptions
 from .retrieval import StoreMemory
-from .scan import ScanOptions
+from .scan import ScanOptions, read_text
 from .settings import Settings
 from .static import Jedi
 from .watch import Watcher
@@ -104,7 +104,8 @@ class Folder:
         self.store, self.indexer = engine.open_memory(self.root, cap_tokens=settings.memory_cap,
                                                       cache_root=settings.store_path)
         self.jedi = Jedi(self.root)
-        self.recall = Recall(StoreMemory(self.store), self.line_of, Sources(self.names, self.jedi.names_at))
+        self.recall = Recall(StoreMemory(self.store), self.line_of,
+                             Sources(self.names, self.jedi.names_at, ModuleNames(self.current_text)))
         self._buffer_names: dict[str, tuple[str, list[str]]] = {}  # rel -> (text, names it defines)
         self.state = IndexState()
         self.debounce = settings.debounce_ms / 1000
@@ -218,6 +219,17 @@ class Folder:
                 cached = self._buffer_names[rel] = (text, [n for _, n in defined_names(rel, text.encode("utf-8"))])
             out += cached[1]
         return out
+
+    def current_text(self, rel: str) -> str | None:
+        """A file's text as the user sees it: its open buffer, else the file on disk (None for a
+        file that is missing, too big for the memory, or not text)."""
+        text = self.texts(rel)
+        if text is not None:
+            return text
+        if not (self.root / rel).is_file():
+            return None
+        got = read_text(self.root, rel, self.indexer.scan.max_bytes)
+        return got[1] if got is not None else None
 
     # ------------------------------------------------------------------ provenance
 

@@ -35,6 +35,31 @@ def test_pool_merges_sources_in_order_and_filters_by_the_typed_word():
     assert "sum" not in candidates.pool("a.js", plain, len(plain), "su", None)  # Python's only
 
 
+def test_after_a_workspace_module_only_its_names_count_as_its_buffer_defines_them():
+    files = {"app/pricing.py": "import math\nVAT = 1\n\ndef subtotal(x):\n    def inner(): pass\n",
+             "app/__init__.py": "", "src/lib/util.py": "def sum_up(xs): pass\n"}
+    modules = candidates.ModuleNames(files.get)
+    sources = candidates.Sources(names=lambda: ["summarize_quarterly_ledger", "subtotal", "supplier"],
+                                 modules=modules)
+    assert candidates.pool("app/report.py", SRC, len(SRC), "su", sources) == ["subtotal"]
+    # the unsaved buffer gains a function: it is an attribute at once; nested names never are
+    files["app/pricing.py"] += "\ndef summarize_quarterly_ledger(lines):\n    return 0\n"
+    assert candidates.pool("app/report.py", SRC, len(SRC), "su", sources) == ["subtotal",
+                                                                               "summarize_quarterly_ledger"]
+    at = SRC[: -len("su")]
+    assert candidates.pool("app/report.py", at, len(at), "", sources) == [
+        "VAT", "subtotal", "summarize_quarterly_ledger", "math"]
+    # aliases, relative imports and the src layout resolve; anything else falls back to every name
+    for text in ("import app.pricing as p\nx = p.su", "from . import pricing\nx = pricing.su",
+                 "import app.pricing\nx = app.pricing.su"):
+        assert "supplier" not in candidates.pool("app/report.py", text, len(text), "su", sources), text
+    text = "from lib import util\nutil.su"
+    assert candidates.pool("tests/t.py", text, len(text), "su", sources) == ["sum_up"]
+    for text in ("import os\nos.su", "self.su", "from app import pricing\nx = pricing.su"):
+        assert "supplier" in candidates.pool("app/report.js" if "pricing" in text else "a.py", text,
+                                             len(text), "su", sources), text
+
+
 def test_pool_takes_names_of_the_current_file_but_not_the_word_being_typed():
     text = "subtotal = 1\nsupplier = 2\nx = sup"
     got = candidates.pool("a.js", text, len(text), "sup", None)

@@ -4,10 +4,12 @@ A trial writes a function with a freshly made name, found nowhere in the reposit
 of one module, through ``Indexer.update_text`` (the path the server feeds unsaved buffers
 through).  Another file then imports that module and starts a call: ``alias.`` with 0, 1 and 2
 characters of the new name typed.  A hit is ghost text that starts with the name, or the name
-at the top of the popup list.  The clock runs from the start of the update to the end of the
+at the top of the popup list.  While the trial runs the edited module is also the module's text
+that candidate names are read from, as an open, unsaved buffer is in the server.  The clock runs from the start of the update to the end of the
 first completion that hits (the server adds its debounce, 250 ms by default, in front).  The
 same prompts without memory are the control: a name the model never saw cannot come from its
-weights.  The module is put back as it was after each trial.
+weights; the memory with the candidate names switched off (``memory_only``) shows what the
+memory does alone.  The module is put back as it was after each trial.
 """
 
 from __future__ import annotations
@@ -85,6 +87,7 @@ class Trial:
     update_ms: float  # encoding the edited module into the memory
     hits: dict[int, dict] = field(default_factory=dict)  # typed -> {inline, popup_top1, reciprocal_rank, retrieved}
     plain_hits: dict[int, dict] = field(default_factory=dict)  # the same without memory
+    spelled_hits: dict[int, dict] = field(default_factory=dict)  # memory, no candidate names
     first_correct_ms: float | None = None  # from the edit to the first hit (None: no hit)
 
 
@@ -93,12 +96,12 @@ def caller_text(text: str, module: str, alias: str, typed: str) -> str:
 
 
 def _score(completer: Completer, uri: str, path: str, text: str, recall: Recall | None, name: str,
-           max_tokens: int, new_lines: tuple[str, int]) -> dict:
+           max_tokens: int, new_lines: tuple[str, int], names: bool) -> dict:
     """Hits of ghost text and popup; ``retrieved``: the new function's lines (file, first line)
     are among the ghost text's top memory support, whatever the model then wrote."""
-    inline = completer.inline(uri, path, text, len(text), recall, max_tokens=max_tokens)
+    inline = completer.inline(uri, path, text, len(text), recall, max_tokens=max_tokens, names=names)
     typed_part = text[text.rfind(".") + 1 :]
-    _, items = completer.popup(uri, path, text, len(text), recall)
+    _, items = completer.popup(uri, path, text, len(text), recall, names=names)
     words = [c.word for c in items]
     return {
         "inline": metrics.first_name(typed_part + inline.text) == name,
@@ -131,21 +134,22 @@ def run_trial(
     try:
         indexer.update_text(defined_in, edited)
         lines.set(defined_in, edited)
+        texts[defined_in] = edited
         trial = Trial(name, defined_in, called_from, (time.perf_counter() - t0) * 1000)
-        for condition, rec in (("memory", recall), ("none", control)):
+        conditions = (("memory", recall, True, trial.hits), ("memory_only", recall, False, trial.spelled_hits),
+                      ("none", control, True, trial.plain_hits))
+        for condition, rec, names, into in conditions:
             uri = f"eval://fresh-{condition}/{called_from}"
             for typed in typed_counts:
                 text = caller_text(texts[called_from], module, alias, name[:typed])
                 got = _score(completer, uri, called_from, text, rec, name, max_tokens,
-                             (defined_in, original.rstrip().count("\n") + 4))
-                if condition == "memory":
-                    trial.hits[typed] = got
-                    if trial.first_correct_ms is None and (got["inline"] or got["popup_top1"]):
-                        trial.first_correct_ms = (time.perf_counter() - t0) * 1000
-                else:
-                    trial.plain_hits[typed] = got
+                             (defined_in, original.rstrip().count("\n") + 4), names)
+                into[typed] = got
+                if condition == "memory" and trial.first_correct_ms is None and (got["inline"] or got["popup_top1"]):
+                    trial.first_correct_ms = (time.perf_counter() - t0) * 1000
             completer.forget(uri)
     finally:
+        texts[defined_in] = original
         indexer.update_text(defined_in, original)
         lines.set(defined_in, original)
     return trial

@@ -92,8 +92,8 @@ def plot_typed(results: list[dict], path: Path) -> None:
         if s["jedi"]:
             xs = [t for t in TYPED if t in s["jedi"]]
             axes[0].plot(xs, [s["jedi"][t]["top1"] for t in xs], "-.x", label=f"{name} jedi")
-        for cond, style in (("memory", "-o"), ("none", "--s")):
-            rates = s["fresh"]["hit_rate"][cond]
+        for cond, style in (("memory", "-o"), ("memory_only", ":^"), ("none", "--s")):
+            rates = s["fresh"]["hit_rate"].get(cond, {})
             xs = [t for t in TYPED if rates.get(t) is not None]
             axes[1].plot(xs, [rates.get(t) for t in xs], style, label=f"{name} {cond}")
     axes[0].set_title("Cross-file call sites: right name first")
@@ -171,8 +171,9 @@ def markdown(results: list[dict], meta: dict, paths: dict[str, Path]) -> str:
         f = s["fresh"]
         out += ["", f"### Newly defined functions ({f['trials']} trials)", "",
                 "| condition | " + " | ".join(f"{t} typed" for t in TYPED) + " |", "|---|---|---|---|"]
-        for cond in ("memory", "none"):
-            out.append(f"| {cond}: popup top-1 | " + " | ".join(_pct(f["hit_rate"][cond].get(t)) for t in TYPED) + " |")
+        for cond in ("memory", "memory_only", "none"):
+            rates = f["hit_rate"].get(cond, {})
+            out.append(f"| {cond}: popup top-1 | " + " | ".join(_pct(rates.get(t)) for t in TYPED) + " |")
         out.append("| memory: ghost text starts with the name | "
                    + " | ".join(_pct(f["ghost_rate"].get(t)) for t in TYPED) + " |")
         out.append("| memory: new lines among the top support | "

@@ -20,7 +20,7 @@ import torch
 from mtlsp_model.corpus import refuse_trained_on
 
 from .. import prompt
-from ..candidates import Sources
+from ..candidates import ModuleNames, Sources
 from ..complete import Completer, Recall
 from ..memory_files import default_cache_root
 from ..retrieval import StoreMemory
@@ -153,7 +153,7 @@ def evaluate(root: Path, engine: Engine, options: Options, manifest: dict, progr
     memory = StoreMemory(store)
     lines = callsites.LineIndex(texts)
     names = Sources(lambda: [n for ns in store.names().values() for n in ns],
-                    Jedi(root).names_at if options.jedi else None)
+                    Jedi(root).names_at if options.jedi else None, ModuleNames(texts.get))
     recall = Recall(memory, lines, names)
     without = Recall(None, lines, names)  # the same candidate names, no memory
     conditions = [callsites.Condition("memory", recall), callsites.Condition("memory_only", recall, names=False),
@@ -264,11 +264,11 @@ def summarize(rows: list[dict], trials: list[dict], bpt: dict) -> dict:
             "popup_p50": metrics.percentile([a["popup_ms"] for a in got], 50),
             "popup_p95": metrics.percentile([a["popup_ms"] for a in got], 95),
         }
-    fresh_rates: dict[str, dict[int, float | None]] = {"memory": {}, "none": {}}
+    fresh_rates: dict[str, dict[int, float | None]] = {"memory": {}, "memory_only": {}, "none": {}}
     ghost_rates: dict[int, float | None] = {}
     retrieved: dict[int, float | None] = {}
     for typed in TYPED:
-        for cond, key in (("memory", "hits"), ("none", "plain_hits")):
+        for cond, key in (("memory", "hits"), ("memory_only", "spelled_hits"), ("none", "plain_hits")):
             got = [t[key][typed] for t in trials if typed in t[key]]
             fresh_rates[cond][typed] = _rate([g["popup_top1"] for g in got])
         ghost_rates[typed] = _rate([t["hits"][typed]["inline"] for t in trials if typed in t["hits"]])
