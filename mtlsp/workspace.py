@@ -23,18 +23,18 @@ import torch
 from mtlsp_model.runtime import for_inference
 from mtlsp_model.weights import Loaded, load_weights
 
-from .candidates import Sources
-from .chunks import defined_names
-from .complete import Completer, Recall
-from .decode import Decoder
-from .encode import Encoder
-from .indexer import Indexer, Progress, Report
-from .memory import MemoryStore, StoreOptions
-from .retrieval import StoreMemory
-from .scan import ScanOptions
-from .settings import Settings
-from .static import Jedi
-from .watch import Watcher
+from .complete.candidates import Sources
+from .complete.completer import Completer, Recall
+from .complete.decode import Decoder
+from .complete.retrieval import StoreMemory
+from .complete.static import Jedi
+from .index.chunks import defined_names
+from .index.encode import Encoder
+from .index.indexer import Indexer, Progress, Report
+from .index.scan import ScanOptions
+from .index.watch import Watcher
+from .lsp.settings import Settings
+from .store.memory_store import MemoryStore, StoreOptions
 
 log = logging.getLogger("mtlsp.workspace")
 

@@ -20,7 +20,7 @@ from lsprotocol import types as t
 from pygls.exceptions import JsonRpcException
 from pytest_lsp import ClientServerConfig, LanguageClient
 
-from mtlsp.client import plain
+from mtlsp.lsp.client import plain
 
 pytestmark = pytest.mark.asyncio(loop_scope="function")
 

@@ -99,7 +99,7 @@ def test_serving_precision_costs_under_one_percent(shipped):
     """The CPU runtime (bfloat16 products, int8 weights for decoding) against float32."""
     tok = shipped.tokenizer
     fast = for_inference(load_weights().model, torch.device("cpu"))
-    f = tokenize_files(tok, [("mtlsp/server.py", (REPO / "mtlsp" / "server.py").read_text()[:6000])])[0]
+    f = tokenize_files(tok, [("mtlsp/lsp/server.py", (REPO / "mtlsp" / "lsp" / "server.py").read_text()[:6000])])[0]
     exact = np.nansum(score_file(shipped.model, f, None))
     served = np.nansum(score_file(fast, f, None))
     assert abs(served / exact - 1) < 0.01

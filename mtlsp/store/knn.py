@@ -36,7 +36,7 @@ import faiss
 import numpy as np
 import torch
 
-from .memory_files import StoreError, dequantize
+from .files import StoreError, dequantize
 
 log = logging.getLogger("mtlsp.memory")
 

@@ -1,9 +1,9 @@
 """``mtlsp serve``: the language server.  Thin LSP handlers; the work lives in the modules below.
 
-- ``workspace.py``: the model (``Engine``) and one ``Folder`` per workspace folder (store,
+- ``mtlsp/workspace.py``: the model (``Engine``) and one ``Folder`` per workspace folder (store,
   indexer, watching, debounced feeding of open buffers into the memory);
-- ``complete.py``: ghost text and popup completions with their provenance;
-- ``settings.py``: configuration from the client.
+- ``mtlsp/complete/completer.py``: ghost text and popup completions with their provenance;
+- ``mtlsp/lsp/settings.py``: configuration from the client.
 
 Model work runs on one worker thread.  Completion handlers are ``async`` and wait for that
 worker, so a ``$/cancelRequest`` (or a newer request for the same document) sets the request's
@@ -31,13 +31,13 @@ from pygls.protocol import LanguageServerProtocol
 from pygls.uris import to_fs_path
 from pygls.workspace import TextDocument
 
-from . import __version__
-from .complete import Completer, Support
-from .decode import Cancelled
-from .indexer import Progress
-from .memory_files import StoreError
+from .. import __version__
+from ..complete.completer import Completer, Support
+from ..complete.decode import Cancelled
+from ..index.indexer import Progress
+from ..store.files import StoreError
+from ..workspace import Engine, Folder, IndexState
 from .settings import Settings, parse
-from .workspace import Engine, Folder, IndexState
 
 log = logging.getLogger("mtlsp.server")
 

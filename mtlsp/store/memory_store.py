@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from . import knn
-from .memory_files import (
+from .files import (
     FORMAT,
     MANIFEST,
     ChunkRecord,
