@@ -22,6 +22,9 @@ from mtlsp_model.weights import SHIPPED, load_weights
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "model" / "sample_workspace"
+
+pytestmark = pytest.mark.slow  # the real base and the shipped heads, the demo
+
 NEW = '''
 
 def summarize_quarterly_ledger(lines: list[InvoiceLine]) -> int:
