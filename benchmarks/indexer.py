@@ -26,11 +26,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mtlsp.encode import bound_heap_retention
-from mtlsp.memory import StoreOptions
+from mtlsp.index.scan import read_text, walk
+from mtlsp.index.watch import Watcher
+from mtlsp.process import bound_heap_retention
+from mtlsp.store.memory_store import StoreOptions
 from mtlsp.workspace import Engine
-from mtlsp.scan import read_text, walk
-from mtlsp.watch import Watcher
 
 
 def peak_rss_mb() -> float:

@@ -36,9 +36,9 @@ from pathlib import Path
 
 import numpy as np
 
-from mtlsp.knn import recall_at_k
-from mtlsp.memory import FileUpdate, MemoryStore, NewChunk, StoreOptions
-from mtlsp.memory_files import Entries
+from mtlsp.store.files import Entries
+from mtlsp.store.knn import recall_at_k
+from mtlsp.store.memory_store import FileUpdate, MemoryStore, NewChunk, StoreOptions
 
 FINGERPRINT = "synthetic"
 CHUNK = 256  # tokens per chunk

@@ -29,10 +29,10 @@ from mtlsp_model.evaluate import score_file
 from mtlsp_model.projects import SourceFile
 from mtlsp_model.weights import load_weights
 
-from mtlsp.chunks import chunk_file
-from mtlsp.decode import Decoder
-from mtlsp.encode import chunk_hashes, preamble
-from mtlsp.retrieval import StoreMemory
+from mtlsp.complete.decode import Decoder
+from mtlsp.complete.retrieval import StoreMemory
+from mtlsp.index.chunks import chunk_file
+from mtlsp.index.encode import chunk_hashes, preamble
 from mtlsp.workspace import Engine
 
 

@@ -33,7 +33,7 @@ from pathlib import Path
 from lsprotocol import types as t
 from pygls.lsp.client import LanguageClient
 
-from mtlsp.client import close, request
+from mtlsp.lsp.client import close, request
 
 CALL = re.compile(r"\b([A-Za-z_]\w*)\.([A-Za-z_]\w{2,})\(")
 

@@ -27,7 +27,7 @@ from lsprotocol import types as t
 from mtlsp_model.weights import SHIPPED
 from pygls.lsp.client import LanguageClient
 
-from .client import close, request
+from .lsp.client import close, request
 
 SAMPLE = SHIPPED.parent / "sample_workspace"
 NEW_NAME = "summarize_quarterly_ledger"

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from .evaluation import report
 from .evaluation.run import Options, evaluate
-from .memory_files import StoreError
+from .store.files import StoreError
 from .workspace import Engine
 
 _DEFAULTS = Options()

@@ -19,8 +19,8 @@ import threading
 import time
 from pathlib import Path
 
-from .memory import StoreOptions
-from .memory_files import StoreError, read_manifest, store_dir_for
+from .store.files import StoreError, read_manifest, store_dir_for
+from .store.memory_store import StoreOptions
 
 log = logging.getLogger("mtlsp.index")
 
@@ -90,8 +90,8 @@ def main(argv: list[str]) -> None:
 
     from mtlsp_model.weights import WeightsError
 
-    from .encode import bound_heap_retention
-    from .watch import Watcher
+    from .index.watch import Watcher
+    from .process import bound_heap_retention
     from .workspace import Engine
 
     try:

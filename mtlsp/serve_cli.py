@@ -11,8 +11,8 @@ import logging
 import sys
 from pathlib import Path
 
-from .encode import bound_heap_retention
-from .server import build_server
+from .lsp.server import build_server
+from .process import bound_heap_retention
 
 
 def main(argv: list[str]) -> None:

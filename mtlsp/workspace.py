@@ -23,18 +23,18 @@ import torch
 from mtlsp_model.runtime import for_inference
 from mtlsp_model.weights import Loaded, load_weights
 
-from .candidates import ModuleNames, Sources
-from .chunks import defined_names
-from .complete import Completer, Recall
-from .decode import Decoder
-from .encode import Encoder
-from .indexer import Indexer, Progress, Report
-from .memory import MemoryStore, StoreOptions
-from .retrieval import StoreMemory
-from .scan import ScanOptions, read_text
-from .settings import Settings
-from .static import Jedi
-from .watch import Watcher
+from .complete.candidates import ModuleNames, Sources
+from .complete.completer import Completer, Recall
+from .complete.decode import Decoder
+from .complete.retrieval import StoreMemory
+from .complete.static import Jedi
+from .index.chunks import defined_names
+from .index.encode import Encoder
+from .index.indexer import Indexer, Progress, Report
+from .index.scan import ScanOptions, read_text
+from .index.watch import Watcher
+from .lsp.settings import Settings
+from .store.memory_store import MemoryStore, StoreOptions
 
 log = logging.getLogger("mtlsp.workspace")
 
@@ -96,6 +96,12 @@ class IndexState:
 
 
 class Folder:
+    """The server's one handle on a workspace folder: buffers, file events, settings, status.
+
+    The server never reaches the store, indexer or watcher itself, so a setting or an event
+    that concerns several of them (a debounce, an open buffer) is applied in one place.
+    """
+
     def __init__(self, root: Path, engine: Engine, settings: Settings, *, texts: Callable[[str], str | None]) -> None:
         """``texts(rel)`` returns an open buffer's current text (None if not open)."""
         self.root = root.resolve()
@@ -157,9 +163,42 @@ class Folder:
             self.watcher = Watcher(self.indexer, debounce=self.debounce)
             self.watcher.start()
 
+    @property
+    def polling(self) -> bool:
+        """Whether the watcher fell back to periodic rescans (inotify limits reached)."""
+        return self.watcher is not None and self.watcher.polling
+
+    def stats(self) -> dict:
+        """The memory's size and where it lives (``MemoryStore.stats``)."""
+        return self.store.stats()
+
+    def apply(self, settings: Settings) -> None:
+        """Changed settings that take effect without reopening the store: the memory cap (at
+        the store's next commit) and the debounce of buffer edits and of disk events."""
+        self.store.options.cap_tokens = settings.memory_cap
+        self.debounce = settings.debounce_ms / 1000
+        if self.watcher is not None:
+            self.watcher.set_debounce(self.debounce)
+
     # ------------------------------------------------------------------ editor events
 
+    def open_buffer(self, rel: str) -> None:
+        """Mark ``rel`` open: its buffer's text is what the memory should hold, and eviction
+        spares it.  Its text is fed on its next change or when the indexing pass ends."""
+        self.store.open_files.add(rel)
+
+    def close_buffer(self, rel: str) -> None:
+        """The buffer of ``rel`` was closed: the file on disk is the truth again."""
+        self.store.open_files.discard(rel)
+        self.paths_changed([rel])
+
+    def is_ignored(self, rel: str) -> bool:
+        """Whether the scan rules (``.gitignore``, secrets, generated files) keep ``rel`` out."""
+        return self.indexer.rules.ignored_path(rel, False)
+
     def buffer_changed(self, rel: str) -> None:
+        """An open buffer's text changed: it is written into the memory after ``debounce``."""
+        self.open_buffer(rel)
         with self._cond:
             self._pending_text[rel] = time.monotonic() + self.debounce
             self._cond.notify_all()

@@ -15,8 +15,8 @@ import zlib
 
 import numpy as np
 
-from mtlsp.memory import FileUpdate, MemoryStore, NewChunk, StoreOptions
-from mtlsp.memory_files import Entries
+from mtlsp.store.files import Entries
+from mtlsp.store.memory_store import FileUpdate, MemoryStore, NewChunk, StoreOptions
 
 HEADS, DIM = 3, 16
 FINGERPRINT = "worker-model"

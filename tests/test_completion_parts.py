@@ -8,15 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import random_model, tiny_config
-from mtlsp import prompt
-from mtlsp.decode import Decoder, Evidence, common_prefix
-from mtlsp.stops import Stopper, finish, scope
 from mtlsp_model.memory import TensorMemory
 
+from mtlsp import prompt
+from mtlsp.complete.decode import Decoder, Evidence, common_prefix
+from mtlsp.complete.stops import Stopper, finish, scope
+
 REPO = Path(__file__).resolve().parent.parent
-LONG_TEXT = (REPO / "mtlsp" / "server.py").read_text()  # a long real source file (500+ lines)
+LONG_TEXT = (REPO / "mtlsp" / "lsp" / "server.py").read_text()  # a long real source file (500+ lines)
 
 SMALL = "import os\n\n\ndef total(order):\n    return order.pricing.com"
 
@@ -516,7 +516,7 @@ def test_bracket_block_keeps_its_own_closer_when_the_one_after_belongs_to_an_out
 
 
 def test_support_sums_memory_attention_per_line():
-    from mtlsp.complete import Recall, support
+    from mtlsp.complete.completer import Recall, support
 
     class Where:  # sources are (file id << 32 | byte offset), as the store adapter packs them
         @staticmethod

@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 
 from mtlsp import prompt
+from mtlsp.complete.static import Jedi
 from mtlsp.evaluation import metrics
 from mtlsp.evaluation.bits import copy_files
 from mtlsp.evaluation.bm25 import BM25, query_before, terms
 from mtlsp.evaluation.fresh import caller_text, fresh_name, module_name, plan_trials
-from mtlsp.static import Jedi
 from mtlsp.evaluation.sites import cut, find_sites, sample
-from mtlsp.memory import FileUpdate, MemoryStore, NewChunk, StoreOptions
-from mtlsp.memory_files import Entries
+from mtlsp.store.files import Entries
+from mtlsp.store.memory_store import FileUpdate, MemoryStore, NewChunk, StoreOptions
 
 LEDGER = '''\
 """Ledgers."""

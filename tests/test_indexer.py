@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 from conftest import random_model
 
-from mtlsp.chunks import chunk_file
-from mtlsp.encode import Encoder
-from mtlsp.indexer import Indexer
-from mtlsp.memory import MemoryStore, StoreOptions
-from mtlsp.scan import walk
-from mtlsp.watch import Watcher
+from mtlsp.index.chunks import chunk_file
+from mtlsp.index.encode import Encoder
+from mtlsp.index.indexer import Indexer
+from mtlsp.index.scan import walk
+from mtlsp.index.watch import Watcher
+from mtlsp.store.memory_store import MemoryStore, StoreOptions
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -90,7 +90,7 @@ def test_scan_rules(tmp_path):
     (root / "outside.py").symlink_to(tmp_path / "elsewhere.py")
     write(tmp_path, "elsewhere.py", "secret = 1\n")
     (root / "inside.py").symlink_to(root / "keep.py")
-    from mtlsp.scan import ScanOptions
+    from mtlsp.index.scan import ScanOptions
 
     found = sorted(f.path for f in walk(root, ScanOptions(max_bytes=1000)))
     assert found == [".gitignore", "inside.py", "keep.log", "keep.py", "sub/.gitignore", "sub/shared.py"]

@@ -23,8 +23,7 @@ import numpy as np
 import pytest
 
 from mtlsp import knn
-from mtlsp.memory import FileUpdate, KeptChunk, MemoryStore, NewChunk, StoreOptions
-from mtlsp.memory_files import (
+from mtlsp.store.files import (
     ChunkRecord,
     Entries,
     StoreError,
@@ -33,6 +32,13 @@ from mtlsp.memory_files import (
     read_manifest,
     segment_name,
     store_dir_for,
+)
+from mtlsp.store.memory_store import (
+    FileUpdate,
+    KeptChunk,
+    MemoryStore,
+    NewChunk,
+    StoreOptions,
 )
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -313,7 +319,7 @@ def test_corrupt_manifest_is_refused_and_rebuilt(tmp_path, damage):
     manifest = tmp_path / "manifest.msgpack"
     data = manifest.read_bytes()
     if damage == "old format":  # a store written before memory heads: refused, not misread
-        from mtlsp.memory_files import write_manifest
+        from mtlsp.store.files import write_manifest
         body = msgpack.unpackb(data[12:], strict_map_key=False)
         write_manifest(tmp_path, dict(body, format=1))
     else:
@@ -345,7 +351,7 @@ def test_corrupt_segment_drops_only_its_files(tmp_path):
 
 
 def test_segment_header_records_the_entry_shape(tmp_path):
-    from mtlsp.memory_files import CorruptStore, read_segment
+    from mtlsp.store.files import CorruptStore, read_segment
     rng = np.random.default_rng(8)
     e = entries(rng, 5)
     store_at(tmp_path).update([one_chunk("a.py", e)])

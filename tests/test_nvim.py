@@ -14,6 +14,8 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 NVIM = shutil.which("nvim", path=str(Path(sys.executable).parent)) or shutil.which("nvim")
 
+pytestmark = pytest.mark.external  # a real Neovim binary
+
 REPORT = '''from app import pricing
 
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import random_model, tiny_config
-from mtlsp import candidates, prompt
-from mtlsp.decode import Decoder
-from mtlsp.rank import Ranker
 from mtlsp_model.memory import TensorMemory
+
+from mtlsp.complete import candidates, prompt
+from mtlsp.complete.decode import Decoder
+from mtlsp.complete.rank import Ranker
 
 SRC = "from app import pricing\n\n\ndef report(lines):\n    total = pricing.su"
 

@@ -12,6 +12,7 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,9 @@ from lsprotocol import types as t
 from pygls.exceptions import JsonRpcException
 from pytest_lsp import ClientServerConfig, LanguageClient
 
-from mtlsp.client import plain
+from mtlsp.lsp.client import plain
+from mtlsp.lsp.settings import Settings
+from mtlsp.workspace import Engine, Folder
 
 pytestmark = pytest.mark.asyncio(loop_scope="function")
 
@@ -331,6 +334,21 @@ async def test_configuration_by_init_options_and_did_change(client, workspace):
     assert (await popup(client, uri, pos)).items
     result = await inline(client, uri, pos)
     assert all(len(i.insert_text) <= 3 * 16 for i in result.items)  # at most three tokens
+
+
+async def test_a_settings_change_reaches_the_store_and_the_running_watcher(tiny_weights, workspace, tmp_path):
+    """``Folder.apply`` is how the server passes changed settings on: the memory cap reaches the
+    store, and the debounce reaches the watcher that was started with the old value."""
+    settings = Settings(store_path=str(tmp_path / "stores"))
+    folder = Folder(workspace, Engine.load(tiny_weights, "cpu"), settings, texts=lambda rel: None)
+    try:
+        folder.watch_disk()
+        assert folder.watcher.debounce == 0.25
+        folder.apply(replace(settings, debounce_ms=40, memory_cap=50_000))
+        assert folder.watcher.debounce == folder.debounce == 0.04
+        assert folder.stats()["cap_tokens"] == 50_000
+    finally:
+        folder.close()
 
 
 async def test_device_and_store_path_changes_reopen_the_memory(client, workspace, tmp_path):

@@ -22,6 +22,9 @@ from mtlsp_model.weights import SHIPPED, load_weights
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "model" / "sample_workspace"
+
+pytestmark = pytest.mark.slow  # the real base and the shipped heads, the demo
+
 NEW = '''
 
 def summarize_quarterly_ledger(lines: list[InvoiceLine]) -> int:
@@ -99,7 +102,7 @@ def test_serving_precision_costs_under_one_percent(shipped):
     """The CPU runtime (bfloat16 products, int8 weights for decoding) against float32."""
     tok = shipped.tokenizer
     fast = for_inference(load_weights().model, torch.device("cpu"))
-    f = tokenize_files(tok, [("mtlsp/server.py", (REPO / "mtlsp" / "server.py").read_text()[:6000])])[0]
+    f = tokenize_files(tok, [("mtlsp/lsp/server.py", (REPO / "mtlsp" / "lsp" / "server.py").read_text()[:6000])])[0]
     exact = np.nansum(score_file(shipped.model, f, None))
     served = np.nansum(score_file(fast, f, None))
     assert abs(served / exact - 1) < 0.01

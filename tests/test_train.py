@@ -14,6 +14,8 @@ from mtlsp_model.train import TrainConfig, projects_of
 from mtlsp_model.corpus import build_documents
 from mtlsp_model.weights import load_weights
 
+pytestmark = pytest.mark.slow  # training runs, end to end
+
 WORDS = ["ledger", "invoice", "tally", "quarter", "harvest", "stitch", "render", "parcel", "beacon", "ripple"]
 
 

@@ -9,6 +9,10 @@ import os
 import sys
 import zipfile
 
+import pytest
+
+pytestmark = pytest.mark.external  # npm ci from the package registry, Node
+
 
 def test_extension_compiles_packages_and_drives_the_server(vscode_build, tiny_weights, tmp_path):
     root = tmp_path / "ws"

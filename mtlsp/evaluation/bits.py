@@ -23,8 +23,8 @@ from mtlsp_model.model import MemorizingTransformer
 from mtlsp_model.projects import SourceFile, cross_file_mask, defined_names
 from mtlsp_model.tokenizer import Tokenizer
 
-from ..memory import FileUpdate, MemoryStore, NewChunk, StoreOptions
-from ..retrieval import StoreMemory
+from ..complete.retrieval import StoreMemory
+from ..store.memory_store import FileUpdate, MemoryStore, NewChunk, StoreOptions
 
 Tick = Callable[[], None]
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from mtlsp_model.tokenizer import Tokenizer
 
-from ..chunks import chunk_file
+from ..index.chunks import chunk_file
 
 _WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*|\d+")
 

@@ -5,7 +5,7 @@ user would type it.  Each cut asks the ``Completer`` for ghost text (the line co
 scored) and for the popup list (scored by the rank of the callee's name), under:
 
 - ``memory``: the repository's store, with the calling file hidden (its stored copy holds the
-  very line being completed), and the candidate names the server ranks (``candidates.py``);
+  very line being completed), and the candidate names the server ranks (``complete/candidates.py``);
 - ``memory_only``: the same memory with the candidate ranking switched off: the model spells
   every name itself, so the memory's own share is visible;
 - ``none``: the same model, prompts and candidate names, no memory;
@@ -22,7 +22,7 @@ import bisect
 import time
 from dataclasses import dataclass, field
 
-from ..complete import Completer, Recall
+from ..complete.completer import Completer, Recall
 from . import metrics
 from .sites import Site, cut
 

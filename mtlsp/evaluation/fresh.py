@@ -19,8 +19,8 @@ import random
 import time
 from dataclasses import dataclass, field
 
-from ..complete import Completer, Recall
-from ..indexer import Indexer
+from ..complete.completer import Completer, Recall
+from ..index.indexer import Indexer
 from . import metrics
 from .callsites import LineIndex
 

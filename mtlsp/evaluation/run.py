@@ -19,14 +19,14 @@ from pathlib import Path
 import torch
 from mtlsp_model.corpus import refuse_trained_on
 
-from .. import prompt
-from ..candidates import ModuleNames, Sources
-from ..complete import Completer, Recall
-from ..memory_files import default_cache_root
-from ..retrieval import StoreMemory
-from ..scan import ScanOptions, read_text, walk
-from ..settings import Settings
-from ..static import Jedi
+from ..complete import prompt
+from ..complete.candidates import ModuleNames, Sources
+from ..complete.completer import Completer, Recall
+from ..complete.retrieval import StoreMemory
+from ..complete.static import Jedi
+from ..index.scan import ScanOptions, read_text, walk
+from ..lsp.settings import Settings
+from ..store.files import default_cache_root
 from ..workspace import Engine
 from . import bits, callsites, fresh, metrics
 from .bm25 import BM25, query_before

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from tree_sitter import Node
 
-from ..chunks import parser_for
+from ..languages import parser_for
 
 _BUILTINS = set(dir(builtins)).union(*(dir(t) for t in (dict, list, str, bytes, set, tuple, int, object)))
 

@@ -75,6 +75,13 @@ class Watcher:
             self._observer.join()
         self._thread.join()
 
+    def set_debounce(self, seconds: float) -> None:
+        """Change the quiet time before queued changes are applied; a wait already under way
+        is recomputed, so the new value holds for changes queued before it too."""
+        with self._cond:
+            self.debounce = seconds
+            self._cond.notify_all()
+
     def notice(self, paths: list[str], is_directory: bool) -> None:
         """Queue changed absolute paths (a directory event rescans the whole folder)."""
         rels = [

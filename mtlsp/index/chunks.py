@@ -9,43 +9,18 @@ Cuts sit where a definition (with its decorators and the comments directly above
 moved up over the blank lines before it: blank lines go with the definition after them, code
 between definitions with the definition before.  A definition larger than ``max_bytes`` (a long class) is cut again at
 the definitions inside it.  Languages without a grammar, or files that fail to parse, fall
-back to windows of lines.  Grammars come from the per-language wheels, which bundle them
-(nothing is downloaded).
+back to windows of lines (the grammars are in ``languages.py``).
 """
 
 from __future__ import annotations
 
-import functools
-import importlib
 from dataclasses import dataclass
 
-from tree_sitter import Language, Node, Parser
+from tree_sitter import Node
 
-# extension -> (grammar module, its language function)
-_GRAMMARS: dict[str, tuple[str, str]] = {
-    ".py": ("tree_sitter_python", "language"),
-    ".pyi": ("tree_sitter_python", "language"),
-    ".js": ("tree_sitter_javascript", "language"),
-    ".mjs": ("tree_sitter_javascript", "language"),
-    ".cjs": ("tree_sitter_javascript", "language"),
-    ".jsx": ("tree_sitter_javascript", "language"),
-    ".ts": ("tree_sitter_typescript", "language_typescript"),
-    ".mts": ("tree_sitter_typescript", "language_typescript"),
-    ".cts": ("tree_sitter_typescript", "language_typescript"),
-    ".tsx": ("tree_sitter_typescript", "language_tsx"),
-    ".go": ("tree_sitter_go", "language"),
-    ".rs": ("tree_sitter_rust", "language"),
-    ".java": ("tree_sitter_java", "language"),
-    ".c": ("tree_sitter_c", "language"),
-    ".h": ("tree_sitter_c", "language"),
-    ".cc": ("tree_sitter_cpp", "language"),
-    ".cpp": ("tree_sitter_cpp", "language"),
-    ".cxx": ("tree_sitter_cpp", "language"),
-    ".hpp": ("tree_sitter_cpp", "language"),
-    ".hh": ("tree_sitter_cpp", "language"),
-}
+from ..languages import parser_for
 
-# Node types that start a definition worth its own chunk, across the grammars above.
+# Node types that start a definition worth its own chunk, across the grammars of ``languages.py``.
 DEFINITIONS = frozenset({
     # Python
     "function_definition", "class_definition", "decorated_definition",
@@ -75,18 +50,6 @@ class Chunk:
     start: int  # byte offsets into the file
     end: int
     kind: str  # the grammar's node type at the cut, or "lines"
-
-
-@functools.cache
-def _parser(ext: str) -> Parser:
-    module, fn = _GRAMMARS[ext]
-    return Parser(Language(getattr(importlib.import_module(module), fn)()))
-
-
-def parser_for(path: str) -> Parser | None:
-    """The tree-sitter parser of ``path``'s language, or None where there is no grammar."""
-    ext = extension(path)
-    return _parser(ext) if ext in _GRAMMARS else None
 
 
 def _line_start(data: bytes, pos: int) -> int:
@@ -121,20 +84,15 @@ def _inner_definitions(node: Node, depth: int = 4) -> list[Node]:
     return []
 
 
-def extension(path: str) -> str:
-    name = path.rsplit("/", 1)[-1]
-    return name[name.rfind(".") :].lower() if "." in name else ""
-
-
 def chunk_file(path: str, data: bytes, *, max_bytes: int = 4096, window_lines: int = 60) -> list[Chunk]:
     """Chunks tiling ``data`` exactly (first starts at 0, each ends where the next starts)."""
     if not data:
         return []
-    ext = extension(path)
+    parser = parser_for(path)
     cuts: dict[int, str] = {0: "preamble"}
-    if ext in _GRAMMARS:
+    if parser is not None:
         # tree-sitter recovers from syntax errors: half-typed code still gets its cuts
-        tree = _parser(ext).parse(data)
+        tree = parser.parse(data)
         _cut_definitions(tree.root_node.named_children, data, max_bytes, cuts)
     else:
         cuts[0] = "lines"

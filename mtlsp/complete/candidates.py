@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
-from .chunks import defined_names
+from ..index.chunks import defined_names
 
 IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _PYTHON = frozenset(dir(builtins)) | frozenset(keyword.kwlist)

@@ -1,9 +1,9 @@
 """``mtlsp serve``: the language server.  Thin LSP handlers; the work lives in the modules below.
 
-- ``workspace.py``: the model (``Engine``) and one ``Folder`` per workspace folder (store,
+- ``mtlsp/workspace.py``: the model (``Engine``) and one ``Folder`` per workspace folder (store,
   indexer, watching, debounced feeding of open buffers into the memory);
-- ``complete.py``: ghost text and popup completions with their provenance;
-- ``settings.py``: configuration from the client.
+- ``mtlsp/complete/completer.py``: ghost text and popup completions with their provenance;
+- ``mtlsp/lsp/settings.py``: configuration from the client.
 
 Model work runs on one worker thread.  Completion handlers are ``async`` and wait for that
 worker, so a ``$/cancelRequest`` (or a newer request for the same document) sets the request's
@@ -31,13 +31,13 @@ from pygls.protocol import LanguageServerProtocol
 from pygls.uris import to_fs_path
 from pygls.workspace import TextDocument
 
-from . import __version__
-from .complete import Completer, Support
-from .decode import Cancelled
-from .indexer import Progress
-from .memory_files import StoreError
+from .. import __version__
+from ..complete.completer import Completer, Support
+from ..complete.decode import Cancelled
+from ..index.indexer import Progress
+from ..store.files import StoreError
+from ..workspace import Engine, Folder, IndexState
 from .settings import Settings, parse
-from .workspace import Engine, Folder, IndexState
 
 log = logging.getLogger("mtlsp.server")
 
@@ -168,7 +168,7 @@ class MtlspServer(LanguageServer):
         for uri in list(self.workspace.text_documents):
             got = self.folder_of(uri)
             if got is not None and got[0] is folder:
-                folder.store.open_files.add(got[1])
+                folder.open_buffer(got[1])
         if not self.client_watches:
             folder.watch_disk()
         self.from_thread(lambda: asyncio.ensure_future(self.index_with_progress(folder)))
@@ -203,7 +203,7 @@ class MtlspServer(LanguageServer):
         def on_done(state: IndexState) -> None:
             r = state.report
             msg = (f"{state.phase}: {r.files} files, {r.tokens_encoded:,} tokens encoded, "
-                   f"{folder.store.stats()['entries']:,} in memory" if r else f"{state.phase}: {state.error}")
+                   f"{folder.stats()['entries']:,} in memory" if r else f"{state.phase}: {state.error}")
             log.info("indexing %s %s", folder.root, msg)
             if supported:
                 self.from_thread(progress.end, token, t.WorkDoneProgressEnd(message=msg))
@@ -286,7 +286,7 @@ class MtlspServer(LanguageServer):
     def status(self) -> dict:
         folders = []
         for root, f in self.folders.items():
-            stats = f.store.stats()
+            stats = f.stats()
             p = f.state.progress
             folders.append({
                 "root": str(root), "store": stats["directory"], "entries": stats["entries"],
@@ -294,7 +294,7 @@ class MtlspServer(LanguageServer):
                 "indexing": {"phase": f.state.phase, "error": f.state.error,
                              "filesDone": p.files_done if p else 0, "filesTotal": p.files_total if p else 0,
                              "tokensEncoded": p.tokens if p else 0},
-                "watching": "client" if self.client_watches else ("polling" if f.watcher and f.watcher.polling else "watchdog"),
+                "watching": "client" if self.client_watches else ("polling" if f.polling else "watchdog"),
             })
         e = self.engine
         return {
@@ -363,7 +363,6 @@ def build_server(weights: Path | None = None, device: str | None = None, cache_d
         got = ls.folder_of(params.text_document.uri)
         if got is not None:
             folder, rel = got
-            folder.store.open_files.add(rel)
             folder.buffer_changed(rel)
 
     @server.feature(t.TEXT_DOCUMENT_DID_CLOSE)
@@ -375,15 +374,14 @@ def build_server(weights: Path | None = None, device: str | None = None, cache_d
         got = ls.folder_of(uri)
         if got is not None:
             folder, rel = got
-            folder.store.open_files.discard(rel)
-            folder.paths_changed([rel])  # the file on disk is the truth again
+            folder.close_buffer(rel)
 
     @server.feature(t.WORKSPACE_DID_CHANGE_WATCHED_FILES)
     def watched(ls: MtlspServer, params: t.DidChangeWatchedFilesParams) -> None:
         by_folder: dict[Folder, list[str]] = {}
         for change in params.changes:
             got = ls.folder_of(change.uri)
-            if got is not None and not got[0].indexer.rules.ignored_path(got[1], False):
+            if got is not None and not got[0].is_ignored(got[1]):
                 by_folder.setdefault(got[0], []).append(got[1])
         for folder, rels in by_folder.items():
             folder.paths_changed(rels)
@@ -405,8 +403,7 @@ def build_server(weights: Path | None = None, device: str | None = None, cache_d
             ls.window_show_message(t.ShowMessageParams(t.MessageType.Warning, f"mtlsp: {p}"))
         old, ls.settings = ls.settings, new
         for f in ls.folders.values():
-            f.store.options.cap_tokens = new.memory_cap
-            f.debounce = new.debounce_ms / 1000
+            f.apply(new)
         if ls.engine is not None and new.context_tokens != old.context_tokens:
             ls.completer = ls.engine.completer(new.context_tokens)
         if (new.device, new.store_path) != (old.device, old.store_path) or ls.engine_error is not None:

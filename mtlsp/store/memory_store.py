@@ -3,7 +3,7 @@
 One ``MemoryStore`` per workspace folder.  It maps each indexed file to its chunks and each
 chunk to memory entries: one per token, holding a key and a value for each of the model's H
 memory heads, the token's id and its byte offset.  It keeps them on disk in the format of
-``memory_files`` and in RAM in numbered slots, which a ``knn.Searcher`` searches.  It also
+``files`` and in RAM in numbered slots, which a ``knn.Searcher`` searches.  It also
 keeps the identifiers each chunk defines (``names``).
 
 Guarantees, and how they are kept:
@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from . import knn
-from .memory_files import (
+from .files import (
     FORMAT,
     MANIFEST,
     ChunkRecord,

@@ -14,8 +14,8 @@ import torch
 from mtlsp_model.memory import Retrieved
 from torch import Tensor
 
-from .memory import MemoryStore
-from .memory_files import StoreError
+from ..store.files import StoreError
+from ..store.memory_store import MemoryStore
 
 _OFFSET_BITS = 32
 

@@ -36,7 +36,7 @@ import faiss
 import numpy as np
 import torch
 
-from .memory_files import StoreError, dequantize
+from .files import StoreError, dequantize
 
 log = logging.getLogger("mtlsp.memory")
 
@@ -48,7 +48,7 @@ _PROBE_QUERIES = 256  # queries per head the IVF recall is measured on
 
 
 class Settings(Protocol):
-    """The store options the searcher reads (``memory.StoreOptions``); read at each use, so
+    """The store options the searcher reads (``memory_store.StoreOptions``); read at each use, so
     that a change takes effect at once."""
 
     ann_threshold: int

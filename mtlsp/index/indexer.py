@@ -22,9 +22,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..store.memory_store import FileUpdate, KeptChunk, MemoryStore, NewChunk
 from .chunks import chunk_file, defined_names
 from .encode import Encoder, Job, chunk_hashes, preamble
-from .memory import FileUpdate, KeptChunk, MemoryStore, NewChunk
 from .scan import Rules, ScanOptions, content_problem, read_text, walk
 
 log = logging.getLogger("mtlsp.indexer")
