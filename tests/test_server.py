@@ -268,7 +268,11 @@ async def test_cancel_request_stops_it_and_the_server_goes_on(client, workspace)
         await asyncio.wrap_future(fut)
     assert err.value.code == t.LSPErrorCodes.RequestCancelled
     assert (await status(client))["folders"]  # still serving
-    assert isinstance(await inline(client, uri, pos), t.InlineCompletionList)
+    # and completing: after ``pricing.li`` the module's one name that fits
+    at = position_after(REPORT, "pricing.li")
+    assert [i.label for i in (await popup(client, uri, at)).items] == ["line_total"]
+    ghost = (await inline(client, uri, at)).items
+    assert ghost and ghost[0].insert_text.startswith("ne_total")
 
 
 async def test_unsaved_new_function_reaches_the_memory_within_a_second(client, workspace):
@@ -331,9 +335,10 @@ async def test_configuration_by_init_options_and_did_change(client, workspace):
     assert st["settings"]["max_tokens"] == 3 and st["folders"][0]["capTokens"] == 50_000
     assert st["settings"]["debounce_ms"] == 250  # the bad value was refused, the old one kept
     assert any("debounceMs" in m.message for m in client.messages)
-    assert (await popup(client, uri, pos)).items
+    assert [i.label for i in (await popup(client, uri, pos)).items] == ["apply_discount"]
     result = await inline(client, uri, pos)
-    assert all(len(i.insert_text) <= 3 * 16 for i in result.items)  # at most three tokens
+    assert result.items and result.items[0].insert_text.startswith("ly_discount")
+    assert len(result.items[0].insert_text) <= len("ly_discount") + 3 * 16  # the name, then three tokens
 
 
 async def test_a_settings_change_reaches_the_store_and_the_running_watcher(tiny_weights, workspace, tmp_path):
