@@ -268,7 +268,11 @@ async def test_cancel_request_stops_it_and_the_server_goes_on(client, workspace)
         await asyncio.wrap_future(fut)
     assert err.value.code == t.LSPErrorCodes.RequestCancelled
     assert (await status(client))["folders"]  # still serving
-    assert isinstance(await inline(client, uri, pos), t.InlineCompletionList)
+    # and completing: after ``pricing.li`` the module's one name that fits
+    at = position_after(REPORT, "pricing.li")
+    assert [i.label for i in (await popup(client, uri, at)).items] == ["line_total"]
+    ghost = (await inline(client, uri, at)).items
+    assert ghost and ghost[0].insert_text.startswith("ne_total")
 
 
 async def test_unsaved_new_function_reaches_the_memory_within_a_second(client, workspace):
@@ -331,9 +335,10 @@ async def test_configuration_by_init_options_and_did_change(client, workspace):
     assert st["settings"]["max_tokens"] == 3 and st["folders"][0]["capTokens"] == 50_000
     assert st["settings"]["debounce_ms"] == 250  # the bad value was refused, the old one kept
     assert any("debounceMs" in m.message for m in client.messages)
-    assert (await popup(client, uri, pos)).items
+    assert [i.label for i in (await popup(client, uri, pos)).items] == ["apply_discount"]
     result = await inline(client, uri, pos)
-    assert all(len(i.insert_text) <= 3 * 16 for i in result.items)  # at most three tokens
+    assert result.items and result.items[0].insert_text.startswith("ly_discount")
+    assert len(result.items[0].insert_text) <= len("ly_discount") + 3 * 16  # the name, then three tokens
 
 
 async def test_a_settings_change_reaches_the_store_and_the_running_watcher(tiny_weights, workspace, tmp_path):
@@ -435,6 +440,53 @@ async def test_file_changes_on_disk_via_client_watching_or_watchdog(tiny_weights
             await client.stop()
 
 
+class RawPeer:
+    """A JSON-RPC peer that writes frames byte for byte, so a test can send what no LSP client
+    library would (a body that is not JSON, an array, a request without params)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.replies: dict[int, dict] = {}  # answers read while waiting for another one
+
+    async def frame(self, body: bytes) -> None:
+        self.writer.write(b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        await self.writer.drain()
+
+    async def send(self, message: dict) -> None:
+        await self.frame(json.dumps({"jsonrpc": "2.0", **message}).encode())
+
+    async def reply(self, id_: int, timeout: float = 30) -> dict:
+        """The server's answer to request ``id_`` (notifications and requests from it are skipped)."""
+        async def read() -> dict:
+            while id_ not in self.replies:
+                headers = {}
+                while (line := (await self.reader.readline()).strip()):
+                    name, _, value = line.partition(b":")
+                    headers[name.strip().lower()] = value.strip()
+                msg = json.loads(await self.reader.readexactly(int(headers[b"content-length"])))
+                if "id" in msg and "method" not in msg:
+                    self.replies[msg["id"]] = msg
+            return self.replies.pop(id_)
+        return await asyncio.wait_for(read(), timeout)
+
+    async def call(self, id_: int, method: str, params) -> dict:
+        await self.send({"id": id_, "method": method, "params": params})
+        return await self.reply(id_)
+
+    async def start_session(self, workspace: Path) -> dict:
+        """initialize, initialized, then wait until the folder is indexed; the status."""
+        init = await self.call(1, "initialize", {"processId": None, "capabilities": {},
+                                                 "workspaceFolders": [{"uri": workspace.as_uri(), "name": "ws"}]})
+        assert "inlineCompletionProvider" in init["result"]["capabilities"]
+        await self.send({"method": "initialized", "params": {}})
+        for i in range(300):
+            st = (await self.call(100 + i, "mtlsp/status", {}))["result"]
+            if st["folders"] and st["folders"][0]["indexing"]["phase"] == "ready":
+                return st
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"the folder was not indexed: {st}")
+
+
 async def test_reindex_command_malformed_request_and_tcp_transport(tiny_weights, workspace, tmp_path):
     import socket
 
@@ -448,48 +500,94 @@ async def test_reindex_command_malformed_request_and_tcp_transport(tiny_weights,
     try:
         for _ in range(200):
             try:
-                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                peer = RawPeer(*await asyncio.open_connection("127.0.0.1", port))
                 break
             except OSError:
                 await asyncio.sleep(0.1)
-
-        async def call(id_, method, params):
-            return await asyncio.wait_for(exchange(id_, method, params), 30)
-
-        async def exchange(id_, method, params):
-            body = json.dumps({"jsonrpc": "2.0", "id": id_, "method": method, "params": params}).encode()
-            writer.write(b"Content-Length: %d\r\n\r\n" % len(body) + body)
-            await writer.drain()
-            while True:
-                headers = {}
-                while (line := (await reader.readline()).strip()):
-                    name, _, value = line.partition(b":")
-                    headers[name.strip().lower()] = value.strip()
-                msg = json.loads(await reader.readexactly(int(headers[b"content-length"])))
-                if msg.get("id") == id_:
-                    return msg
-
-        init = await call(1, "initialize", {"processId": None, "capabilities": {},
-                                            "workspaceFolders": [{"uri": workspace.as_uri(), "name": "ws"}]})
-        assert "inlineCompletionProvider" in init["result"]["capabilities"]
-        assert "mtlsp.reindex" in init["result"]["capabilities"]["executeCommandProvider"]["commands"]
-        body = b'{"jsonrpc":"2.0","method":"initialized","params":{}}'
-        writer.write(b"Content-Length: %d\r\n\r\n" % len(body) + body)
-        for i in range(300):
-            st = (await call(100 + i, "mtlsp/status", {}))["result"]
-            if st["folders"] and st["folders"][0]["indexing"]["phase"] == "ready":
-                break
-            await asyncio.sleep(0.05)
+        st = await peer.start_session(workspace)
         assert st["folders"][0]["entries"] > 50
-        done = await call(2, "workspace/executeCommand", {"command": "mtlsp.reindex", "arguments": []})
+        done = await peer.call(2, "workspace/executeCommand", {"command": "mtlsp.reindex", "arguments": []})
         assert done["result"]["folders"] == [str(workspace.resolve())]
-        bad = await call(3, "textDocument/completion", {"position": {"line": 0}})  # malformed params
+        bad = await peer.call(3, "textDocument/completion", {"position": {"line": 0}})  # malformed params
         assert bad["error"]["code"] == -32602
-        assert (await call(4, "mtlsp/status", {}))["result"]["folders"]  # still serving
-        assert (await call(5, "shutdown", None))["result"] is None
+        assert (await peer.call(4, "mtlsp/status", {}))["result"]["folders"]  # still serving
+        assert (await peer.call(5, "shutdown", None))["result"] is None
     finally:
         proc.kill()
         await proc.wait()
+
+
+async def test_malformed_input_costs_one_log_line_and_the_server_goes_on(tiny_weights, workspace, tmp_path):
+    """Over stdio, as editors run it: each malformed message is named in one stderr line, never a
+    traceback; a request among them is answered InvalidParams at once; completion still works."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "mtlsp", "serve", "--weights", str(tiny_weights), "--cache-dir", str(tmp_path / "cache"),
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    stderr: list[str] = []
+
+    async def drain() -> None:
+        while line := await proc.stderr.readline():
+            stderr.append(line.decode(errors="replace").rstrip("\n"))
+
+    draining = asyncio.ensure_future(drain())
+    peer = RawPeer(proc.stdout, proc.stdin)
+    try:
+        await peer.start_session(workspace)
+        text = REPORT.replace("pricing.line_total(2, 3)", "pricing.li")
+        uri = (workspace / "app" / "report.py").as_uri()
+        await peer.send({"method": "textDocument/didOpen", "params": {"textDocument": {
+            "uri": uri, "languageId": "python", "version": 1, "text": text}}})
+        pos = position_after(text, "pricing.li")
+        where = {"textDocument": {"uri": uri}, "position": {"line": pos.line, "character": pos.character}}
+        sync = iter(range(1000, 2000))
+
+        async def one_line_for(body: bytes, *names: str) -> str:
+            """Send ``body``; the one warning it caused (a request after it proves it was read)."""
+            before = len(stderr)
+            await peer.frame(body)
+            assert "result" in await peer.call(next(sync), "mtlsp/status", {})
+            for _ in range(100):
+                warned = [ln for ln in stderr[before:] if " WARNING " in ln or " ERROR " in ln]
+                if warned:
+                    break
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.2)  # anything else it logged was written before the status reply
+            warned = [ln for ln in stderr[before:] if " WARNING " in ln or " ERROR " in ln]
+            assert len(warned) == 1, stderr[before:]
+            assert all(n in warned[0] for n in names), warned[0]
+            return warned[0]
+
+        await one_line_for(b'{"jsonrpc": "2.0", "id": 7, "method": "textDocument/completion", "par', "not JSON")
+        await one_line_for(b"\xff\xfe{}", "not JSON")
+        await one_line_for(b'[{"jsonrpc": "2.0", "id": 8, "method": "mtlsp/status", "params": {}}]', "JSON array")
+        await one_line_for(b'{"jsonrpc": "2.0", "method": "textDocument/didOpen"}', "textDocument/didOpen", "no params")
+
+        t0 = time.monotonic()
+        await one_line_for(b'{"jsonrpc": "2.0", "id": 9, "method": "textDocument/completion"}',
+                           "textDocument/completion", "no params")
+        no_params = await peer.reply(9)
+        assert no_params["error"]["code"] == -32602 and "no params" in no_params["error"]["message"]
+        # a text document where the context belongs
+        swapped = {**where, "context": {"uri": uri, "languageId": "python", "version": 1, "text": text}}
+        await one_line_for(json.dumps({"jsonrpc": "2.0", "id": 10, "method": "textDocument/inlineCompletion",
+                                       "params": swapped}).encode(), "textDocument/inlineCompletion", "context")
+        wrong = await peer.reply(10, timeout=5)
+        assert wrong["error"]["code"] == -32602 and "context" in wrong["error"]["message"]
+        assert time.monotonic() - t0 < 10, "the malformed requests were not answered at once"
+        # an error the handler raises on purpose: its line, without the stack
+        gone = {**where, "textDocument": {"uri": (workspace / "nope.py").as_uri()}}
+        unknown = await peer.call(11, "textDocument/completion", gone)
+        assert unknown["error"]["code"] == -32602 and "unknown document" in unknown["error"]["message"]
+
+        items = (await peer.call(12, "textDocument/completion", where))["result"]["items"]
+        assert "line_total" in [i["label"] for i in items]  # still serving, and completing
+        assert not any("Traceback" in ln for ln in stderr), "\n".join(stderr)
+        assert (await peer.call(13, "shutdown", None))["result"] is None
+    finally:
+        proc.kill()
+        await proc.wait()
+        draining.cancel()
 
 
 async def test_shipped_weights_new_function_typed_in_one_buffer_is_read_in_another(workspace, tmp_path):

@@ -25,9 +25,8 @@ from urllib.parse import unquote
 
 from lsprotocol import types as t
 from mtlsp_model.weights import WeightsError
-from pygls.exceptions import JsonRpcException, JsonRpcInvalidParams
+from pygls.exceptions import JsonRpcInvalidParams
 from pygls.lsp.server import LanguageServer
-from pygls.protocol import LanguageServerProtocol
 from pygls.uris import to_fs_path
 from pygls.workspace import TextDocument
 
@@ -38,6 +37,7 @@ from ..index.indexer import Progress
 from ..store.files import StoreError
 from ..workspace import Engine, Folder, IndexState
 from .settings import Settings, parse
+from .wire import Protocol, quiet_pygls, report_undecodable
 
 log = logging.getLogger("mtlsp.server")
 
@@ -47,39 +47,12 @@ STATUS = "mtlsp/status"
 REINDEX = "mtlsp.reindex"
 
 
-class _Answered:
-    """A request already answered with an error while it was being parsed."""
-
-    jsonrpc = None
-
-
-class _Protocol(LanguageServerProtocol):
-    """Answers a request whose params do not parse with ``InvalidParams``.
-
-    pygls logs such a request and drops it, which leaves the client waiting for a reply forever.
-    """
-
-    def structure_message(self, data: dict[str, Any]):
-        try:
-            return super().structure_message(data)
-        except JsonRpcException as e:
-            if not ("id" in data and "method" in data):
-                raise
-            cause = str(e.__cause__ or e).splitlines()[0]
-            self._send_response(data["id"], error=JsonRpcInvalidParams(
-                f"malformed {data['method']} request: {cause}").to_response_error())
-            return _Answered()
-
-    def handle_message(self, message) -> None:
-        if not isinstance(message, _Answered):
-            super().handle_message(message)
-
-
 class MtlspServer(LanguageServer):
     def __init__(self, weights: Path | None, device: str | None, cache_dir: str | None,
                  base: str | None = None) -> None:
         super().__init__("mtlsp", __version__, text_document_sync_kind=t.TextDocumentSyncKind.Incremental,
-                         protocol_cls=_Protocol)
+                         protocol_cls=Protocol)
+        quiet_pygls()
         self.weights = weights
         self.base = base
         self.settings = Settings(device=device or "auto", store_path=cache_dir)
@@ -94,6 +67,11 @@ class MtlspServer(LanguageServer):
         self.client_watches = False
         self.event_loop: asyncio.AbstractEventLoop | None = None
         self._index_cancels: dict[Path, threading.Event] = {}
+
+    def report_server_error(self, error: Exception, source: Any) -> None:
+        """A body that is not JSON is the client's mistake: one log line, no error popup."""
+        if not report_undecodable(error):
+            super().report_server_error(error, source)
 
     # ------------------------------------------------------------------ thread-safe notifications
 

@@ -1,0 +1,97 @@
+"""``Completer``'s per-document caches, with a tiny random model: what a keystroke reuses, what
+it recomputes, and that one document's caches are not another's.
+
+The caches are what keep typing cheap: within one word the prompt's ids do not change (token
+healing), so its model state is reused outright; a keystroke that matches the ghost text shown,
+or that extends a word the popup listed, is answered without the model at all.
+"""
+
+from __future__ import annotations
+
+import pytest
+from conftest import random_model, tiny_config
+
+from mtlsp.complete.completer import Completer
+from mtlsp.complete.decode import Decoder
+
+PATH = "app/pricing.py"
+BASE = "def line_total(price, quantity):\n    return price * quantity\n\n\ndef report(rows):\n    total = "
+A, B = "file:///ws/app/a.py", "file:///ws/app/b.py"
+
+
+@pytest.fixture()
+def completer(tok) -> Completer:
+    return Completer(Decoder(random_model(tiny_config(tok.vocab_size), seed=0), tok, window=512))
+
+
+def ghost(completer: Completer, uri: str, typed: str):
+    text = BASE + typed
+    return completer.inline(uri, PATH, text, len(text), None, max_tokens=8)
+
+
+def other_than(ch: str) -> str:
+    """A keystroke that does not match the ghost text shown (which starts with ``ch``)."""
+    return "q" if ch != "q" else "z"
+
+
+def test_a_second_keystroke_in_the_same_word_reuses_the_prompt_state(completer):
+    first = ghost(completer, A, "li")
+    state = completer._docs[A].inline  # the prompt's model state, kept for the next keystroke
+    assert state is not None and not first.cached and first.tokens > 0
+    again = ghost(completer, A, "li" + other_than(first.text[:1]))  # not the ghost text: the model runs
+    assert not again.cached and again.tokens > 0
+    # the healed prompt ends before the word, so its ids are those of the first keystroke and the
+    # decoder hands back the very state it read then
+    assert completer._docs[A].inline is state
+
+
+def test_a_keystroke_that_matches_the_ghost_text_is_answered_from_it(completer):
+    shown = ghost(completer, A, "li")
+    assert len(shown.text) >= 2, "the tiny model wrote too little to type into"
+    one = ghost(completer, A, "li" + shown.text[0])
+    assert one.cached and one.tokens == 0 and one.text == shown.text[1:]
+    two = ghost(completer, A, "li" + shown.text[:2])  # still the same completion, further in
+    assert two.cached and two.text == shown.text[2:]
+    # a keystroke off the shown text is decoded afresh
+    assert not ghost(completer, A, "li" + other_than(shown.text[0])).cached
+
+
+def test_text_after_the_cursor_must_be_unchanged_for_the_ghost_text_to_stand(completer):
+    shown = ghost(completer, A, "li")
+    text = BASE + "li" + shown.text[0] + "\n# an edit after the cursor\n"
+    got = completer.inline(A, PATH, text, len(BASE) + 3, None, max_tokens=8)
+    assert not got.cached
+
+
+def test_forget_drops_a_document_s_caches(completer):
+    shown = ghost(completer, A, "li")
+    completer.forget(A)
+    assert A not in completer._docs
+    again = ghost(completer, A, "li" + shown.text[0])
+    assert not again.cached and again.tokens > 0
+    completer.forget("file:///never/opened.py")  # forgetting an unknown document is no error
+
+
+def test_another_document_does_not_share_the_caches(completer):
+    shown = ghost(completer, A, "li")
+    in_b = ghost(completer, B, "li" + shown.text[0])  # B's text is what A's keystroke would be
+    assert not in_b.cached and in_b.tokens > 0
+    assert completer._docs[B].inline is not completer._docs[A].inline
+    assert ghost(completer, A, "li" + shown.text[0]).cached  # A's ghost text still stands
+
+
+def test_the_popup_list_answers_a_keystroke_into_a_listed_word(completer):
+    typed, listed = completer.popup(A, PATH, BASE + "li", len(BASE) + 2, None)
+    assert typed == "li" and listed, "the tiny model listed nothing"
+    word = listed[0].word
+    state = completer._docs[A].popup
+    more = word[: len(typed) + 1]
+    typed2, still = completer.popup(A, PATH, BASE + more, len(BASE) + len(more), None)
+    assert typed2 == more
+    # the same items, filtered to the longer word, not new ones from the model
+    assert still and all(any(s is c for c in listed) for s in still)
+    assert all(s.word.startswith(more) for s in still)
+    assert completer._docs[A].popup is state
+    # another document with the same text gets its own items
+    _, fresh = completer.popup(B, PATH, BASE + more, len(BASE) + len(more), None)
+    assert not any(f is c for f in fresh for c in listed)
