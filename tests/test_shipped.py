@@ -48,7 +48,7 @@ def test_shipped_weights_are_small_and_name_their_base(shipped):
     manifest = json.loads((SHIPPED / "corpus_manifest.json").read_text())
     names = {d["name"].lower() for d in manifest["documents"]}
     assert not names & {"flask", "pydantic", "evaluate"}  # the development set stayed out
-    assert "bits per token" in (SHIPPED / "MODEL_CARD.md").read_text()
+    assert "bits per token" in (SHIPPED / "MODEL_CARD.md").read_text().lower()
 
 
 def test_logits_match_transformers_on_the_same_gguf(shipped, tmp_path):
