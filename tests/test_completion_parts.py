@@ -11,7 +11,7 @@ import torch
 from conftest import random_model, tiny_config
 from mtlsp_model.memory import TensorMemory
 
-from mtlsp import prompt
+from mtlsp.complete import prompt
 from mtlsp.complete.decode import Decoder, Evidence, common_prefix
 from mtlsp.complete.stops import Stopper, finish, scope
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mtlsp import prompt
+from mtlsp.complete import prompt
 from mtlsp.complete.static import Jedi
 from mtlsp.evaluation import metrics
 from mtlsp.evaluation.bits import copy_files

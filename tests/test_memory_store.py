@@ -22,7 +22,7 @@ import msgpack
 import numpy as np
 import pytest
 
-from mtlsp import knn
+from mtlsp.store import knn
 from mtlsp.store.files import (
     ChunkRecord,
     Entries,
