@@ -147,6 +147,10 @@ async function until(what, fn, timeoutMs, everyMs = 100) {
       await page.keyboard.press("End");
       await page.keyboard.press("Shift+Home");
       await page.keyboard.type(params.call, { delay: 60 });
+      // The list asked for at the "." may still be on its way when the next character comes;
+      // ask for the popup at the cursor, as a user does with Ctrl+Space.
+      await sleep(500);
+      await page.keyboard.press("Control+Space");
       const t0 = Date.now();
       await until("the completion popup", async () => {
         const r = await suggestions();
