@@ -82,5 +82,5 @@ def test_another_base_gets_measured_heads_training_free(saved, tok, tmp_path):
     assert not loaded.trained
     assert len(loaded.config.memory_heads) == 3
     assert (base / "memory_heads.json").is_file()
-    assert float(loaded.model.memory.bias[0]) == loaded.config.mem_bias_init
+    assert float(loaded.model.memory.bias[0].detach()) == loaded.config.mem_bias_init
     assert load_weights(path, base=base).config.memory_heads == loaded.config.memory_heads  # cached
