@@ -113,6 +113,7 @@ class Folder:
         self.recall = Recall(StoreMemory(self.store), self.line_of,
                              Sources(self.names, self.jedi.names_at, ModuleNames(self.current_text)))
         self._buffer_names: dict[str, tuple[str, list[str]]] = {}  # rel -> (text, names it defines)
+        self._disk_texts: dict[str, tuple[tuple[int, int], str | None]] = {}  # rel -> ((mtime, size), text)
         self.state = IndexState()
         self.debounce = settings.debounce_ms / 1000
         self.watcher: Watcher | None = None
@@ -265,10 +266,16 @@ class Folder:
         text = self.texts(rel)
         if text is not None:
             return text
-        if not (self.root / rel).is_file():
+        try:
+            st = (self.root / rel).stat()
+        except OSError:
             return None
-        got = read_text(self.root, rel, self.indexer.scan.max_bytes)
-        return got[1] if got is not None else None
+        version = (st.st_mtime_ns, st.st_size)
+        cached = self._disk_texts.get(rel)
+        if cached is None or cached[0] != version:  # read once per change, not per keystroke
+            got = read_text(self.root, rel, self.indexer.scan.max_bytes) if (self.root / rel).is_file() else None
+            cached = self._disk_texts[rel] = (version, got[1] if got is not None else None)
+        return cached[1]
 
     # ------------------------------------------------------------------ provenance
 

@@ -42,6 +42,8 @@ def test_after_a_workspace_module_only_its_names_count_as_its_buffer_defines_the
     sources = candidates.Sources(names=lambda: ["summarize_quarterly_ledger", "subtotal", "supplier"],
                                  modules=modules)
     assert candidates.pool("app/report.py", SRC, len(SRC), "su", sources) == ["subtotal"]
+    assert candidates.pool("app/report.py", SRC, len(SRC), "su", sources).closed  # all there can be
+    assert not candidates.pool("a.py", "x = su", 6, "su", sources).closed
     # the unsaved buffer gains a function: it is an attribute at once; nested names never are
     files["app/pricing.py"] += "\ndef summarize_quarterly_ledger(lines):\n    return 0\n"
     assert candidates.pool("app/report.py", SRC, len(SRC), "su", sources) == ["subtotal",

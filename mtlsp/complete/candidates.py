@@ -137,7 +137,15 @@ def identifier_position(line_before: str, typed: str) -> bool:
     return bool(typed) or head.endswith(".")
 
 
-def pool(path: str, text: str, cursor: int, typed: str, sources: Sources | None, limit: int = 4000) -> list[str]:
+class Names(list):
+    """Candidate names, best-informed sources first.  ``closed``: they are all there can be (the
+    attributes of a workspace module), so the best of them may be taken however unlikely the
+    model finds it."""
+
+    closed: bool = False
+
+
+def pool(path: str, text: str, cursor: int, typed: str, sources: Sources | None, limit: int = 4000) -> Names:
     """Existing names that complete ``typed`` (longer than it), best-informed sources first.
     After ``x.`` the language's builtins and keywords are left out: they are not attributes; after
     ``module.`` (a workspace module) only static analysis and the module's own names count."""
@@ -156,11 +164,13 @@ def pool(path: str, text: str, cursor: int, typed: str, sources: Sources | None,
     module = attribute_module(path, text, word_start, sources.modules if sources is not None else None)
     if module is not None:
         add(module)
-        return list(out)
+        names = Names(out)
+        names.closed = True
+        return names
     if sources is not None:
         add(sources.names())
     add(m.group(0) for m in IDENTIFIER.finditer(text) if not m.start() <= word_start <= m.end())
     attribute = text[:word_start].endswith(".")
     if path.endswith((".py", ".pyi")) and not attribute:
         add(sorted(_PYTHON))
-    return list(out)
+    return Names(out)

@@ -157,15 +157,12 @@ class Completer:
         seeded = False
         if names and candidates.identifier_position(line_before, p.typed):
             # the identifier at the cursor is spelled from a name that exists, if one is likely
-            sources = recall.sources if recall else None
-            pool = candidates.pool(path, text, cursor, p.typed, sources)
-            # after ``module.`` the module's names are all there is: the best one is taken however
-            # unlikely the model found it (a name typed a moment ago is new to its weights)
-            closed = sources is not None and candidates.attribute_module(
-                path, text, cursor - len(p.typed), sources.modules) is not None
+            pool = candidates.pool(path, text, cursor, p.typed, recall.sources if recall else None)
             head = p.required[: len(p.required) - len(p.typed.encode("utf-8"))]
             best = self.ranker.rank(ctx, head, pool, memory, width=4, top=1, cancel=cancel) if pool else []
-            if best and (closed or best[0].logprob > _NAME_FLOOR):
+            # after ``module.`` (a closed pool) a name typed a moment ago is new to the model's
+            # weights, so the best one is taken however unlikely the model finds it
+            if best and (pool.closed or best[0].logprob > _NAME_FLOOR):
                 ctx, out, seeded = best[0].ctx, head + best[0].name.encode("utf-8"), True
                 evidence += best[0].evidence
                 written = out[len(p.required):].decode("utf-8", "ignore")
