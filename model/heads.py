@@ -38,7 +38,7 @@ def induction_scores(model: MemorizingTransformer, *, length: int = 128, batch: 
     dst = src - length + 1  # the token after the first occurrence
     for i, block in enumerate(model.blocks):
         h = block.ln1(x)
-        q, k, v = block.attn.project(h)
+        q, k, v = block.attn.project(h).split([cfg.n_head, cfg.n_kv_head, cfg.n_kv_head], dim=1)
         q, k = rotary(q, cos, sin), rotary(k, cos, sin)
         k = k.repeat_interleave(cfg.group, dim=1)
         att = (q @ k.transpose(-1, -2)) / math.sqrt(cfg.head_dim)

@@ -116,11 +116,49 @@ class ModelConfig:
         return replace(self, **memory)
 
 
+class KVBuffer:
+    """Keys and values with room after them, and how far they are claimed (see ``KV.extend``)."""
+
+    def __init__(self, keys: Tensor, values: Tensor, claimed: int) -> None:
+        self.keys, self.values, self.claimed = keys, values, claimed
+
+
 class KV(NamedTuple):
-    """Keys (rotated) and values of one layer for the tokens read so far: ``(B, Hkv, T, D)``."""
+    """Keys (rotated) and values of one layer for the tokens read so far: ``(B, Hkv, T, D)``.
+
+    ``buffer``: the larger tensors these are the front of, when ``extend`` made them.
+    """
 
     keys: Tensor
     values: Tensor
+    buffer: KVBuffer | None = None
+
+    def extend(self, keys: Tensor, values: Tensor, room: int = 64) -> KV:
+        """These keys and values followed by ``keys``/``values`` along the sequence axis, without
+        copying these where possible: decoding appends one token at a time, and copying every
+        layer's keys and values at every step costs as much as the attention itself.
+
+        The front of a buffer that is exactly its claimed part is extended in place (whoever holds
+        this KV still sees only its own tokens).  Anything else (a shorter prefix of a buffer
+        extended since, a batch of contexts, plain tensors) is copied into a new buffer with
+        ``room`` spare positions.  In-place writes are only made without autograd.
+        """
+        n, T = self.keys.shape[2], keys.shape[2]
+        buf = self.buffer
+        if (buf is not None and buf.claimed == n and buf.keys.shape[2] >= n + T and buf.keys.dtype == keys.dtype
+                and not torch.is_grad_enabled()):
+            buf.keys[:, :, n : n + T] = keys
+            buf.values[:, :, n : n + T] = values
+        else:
+            B, H, _, D = keys.shape
+            size = (B, H, n + T + room, D)
+            buf = KVBuffer(keys.new_empty(size), values.new_empty(size), n)
+            buf.keys[:, :, :n] = self.keys
+            buf.values[:, :, :n] = self.values
+            buf.keys[:, :, n : n + T] = keys
+            buf.values[:, :, n : n + T] = values
+        buf.claimed = n + T
+        return KV(buf.keys[:, :, : n + T], buf.values[:, :, : n + T], buf)
 
 
 class Entries(NamedTuple):
@@ -129,6 +167,15 @@ class Entries(NamedTuple):
 
     keys: Tensor
     values: Tensor
+
+
+class Prefix(NamedTuple):
+    """Contexts that rows of an ``encode`` call are read after, read once (``read_prefix``):
+    per block below the last memory layer, rotated keys and values ``(C, Hkv, W, D)`` of C
+    contexts right-aligned to W positions, and ``valid`` ``(C, W)``, False on the padding."""
+
+    kv: list[KV]
+    valid: Tensor
 
 
 class Read(NamedTuple):
@@ -171,14 +218,25 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * hd, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * hd, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.n_head * hd, cfg.d_model, bias=False)
+        self.qkv: nn.Module | None = None  # the three projections as one (``fuse``)
 
-    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Queries ``(B, H, T, D)``, keys and values ``(B, Hkv, T, D)``, before rotation."""
+    def fuse(self) -> None:
+        """Replace the three projections by one product (inference): fewer, larger matrix
+        products, which is what a decoding step on a CPU is mostly made of."""
+        parts = (self.q_proj, self.k_proj, self.v_proj)
+        self.qkv = _fused(parts)
+        del self.q_proj, self.k_proj, self.v_proj
+
+    def project(self, x: Tensor) -> Tensor:
+        """Queries, keys and values before rotation as one ``(B, H + 2·Hkv, T, D)`` tensor (heads
+        in that order), so that rotating queries and keys, or changing their precision, is one
+        operation."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.cfg.n_head, -1).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.cfg.n_kv_head, -1).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.cfg.n_kv_head, -1).transpose(1, 2)
-        return q, k, v
+        if self.qkv is not None:
+            y = self.qkv(x)
+        else:
+            y = torch.cat((self.q_proj(x), self.k_proj(x), self.v_proj(x)), dim=-1)
+        return y.view(B, T, -1, self.cfg.head_dim).transpose(1, 2)
 
 
 class MLP(nn.Module):
@@ -187,9 +245,32 @@ class MLP(nn.Module):
         self.gate = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
         self.up = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
         self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+        self.gate_up: nn.Module | None = None  # gate and up as one product (``fuse``)
+
+    def fuse(self) -> None:
+        """Gate and up projections as one product (inference), as ``Attention.fuse``."""
+        self.gate_up = _fused((self.gate, self.up))
+        del self.gate, self.up
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down(F.silu(self.gate(x)) * self.up(x))
+        if self.gate_up is not None:
+            gate, up = self.gate_up(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate(x), self.up(x)
+        return self.down(F.silu(gate) * up)
+
+
+def _fused(parts: tuple[nn.Linear, ...]) -> nn.Linear:
+    """One linear layer computing ``parts`` side by side (outputs concatenated in order)."""
+    first = parts[0]
+    fused = nn.Linear(first.in_features, sum(p.out_features for p in parts), bias=first.bias is not None,
+                      device=first.weight.device, dtype=first.weight.dtype)
+    with torch.no_grad():
+        fused.weight.copy_(torch.cat([p.weight for p in parts]))
+        if fused.bias is not None:
+            fused.bias.copy_(torch.cat([p.bias for p in parts]))
+    fused.requires_grad_(False)
+    return fused
 
 
 class Block(nn.Module):
@@ -234,6 +315,7 @@ class MemorizingTransformer(nn.Module):
         # for one query at a time, faster there (runtime.py).
         self.attention_dtype: torch.dtype | None = None
         self._rope_len = 0
+        self._fixed: dict[tuple, tuple[Tensor, Tensor]] = {}
         self.register_buffer("rope_cos", torch.zeros(0), persistent=False)
         self.register_buffer("rope_sin", torch.zeros(0), persistent=False)
 
@@ -309,6 +391,7 @@ class MemorizingTransformer(nn.Module):
              memory_from: int = 0) -> tuple[Tensor, list[KV], list[Read]]:
         """Blocks ``first..upto-1`` on ``x``; ``past[i]`` belongs to block ``first + i``."""
         B, T, _ = x.shape
+        H, Hkv = self.cfg.n_head, self.cfg.n_kv_head
         start = past[0].keys.shape[2] if past else 0
         ad = self.attention_dtype or x.dtype
         cos, sin = self._rope(start, T, ad)
@@ -318,12 +401,12 @@ class MemorizingTransformer(nn.Module):
         for n, i in enumerate(range(first, upto)):
             block = self.blocks[i]
             h = block.ln1(x)
-            q0, k, v = (t.to(ad) for t in block.attn.project(h))
-            q, k = rotary(q0, cos, sin), rotary(k, cos, sin)
-            if past:
-                k = torch.cat((past[n].keys.to(ad), k), dim=2)
-                v = torch.cat((past[n].values.to(ad), v), dim=2)
-            new.append(KV(k, v))
+            qkv = block.attn.project(h).to(ad)
+            qk = rotary(qkv[:, : H + Hkv], cos, sin)
+            q0, q, k, v = qkv[:, :H], qk[:, :H], qk[:, H:], qkv[:, H + Hkv :]
+            kv = past[n].extend(k, v) if past else KV(k, v)
+            k, v = kv.keys, kv.values
+            new.append(kv)
             a = F.scaled_dot_product_attention(q, k, v, is_causal=start == 0 and T > 1, attn_mask=mask,
                                                enable_gqa=self.cfg.group > 1)
             if memory is not None and i in self._mem_at and memory_from < T:
@@ -382,8 +465,13 @@ class MemorizingTransformer(nn.Module):
         return out
 
     def _fixed_rotation(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        cos, sin = self._angles(torch.tensor([self.cfg.mem_distance], device=self.embed.weight.device))
-        return cos[0].to(dtype), sin[0].to(dtype)
+        """The rotation of a memory query (``mem_distance`` back), computed once per precision."""
+        device = self.embed.weight.device
+        got = self._fixed.get((dtype, device))
+        if got is None:
+            cos, sin = self._angles(torch.tensor([self.cfg.mem_distance], device=device))
+            got = self._fixed[(dtype, device)] = (cos[0].to(dtype), sin[0].to(dtype))
+        return got
 
     def mix_copy(self, logp: Tensor, reads: list[Read], last_only: bool) -> Tensor:
         """log((1 - g) p_model + g p_copy): p_copy puts each memory head's attention on the tokens
@@ -404,32 +492,74 @@ class MemorizingTransformer(nn.Module):
     # ------------------------------------------------------------------ encoding
 
     @torch.no_grad()
-    def encode(self, idx: Tensor) -> Entries:
-        """Memory entries of ``idx`` ``(B, T)``: only the blocks up to the last memory layer run."""
-        cfg = self.cfg
-        upto = cfg.encode_layers
-        keys, values = [], []
+    def encode(self, idx: Tensor, *, prefix: Prefix | None = None, rows: Tensor | None = None) -> Entries:
+        """Memory entries of ``idx`` ``(B, T)``: only the blocks up to the last memory layer run.
+
+        ``prefix``/``rows``: row b is read after context ``rows[b]`` of ``prefix`` (what
+        ``read_prefix`` returned), as if that context were in front of it; entries are those
+        of ``idx`` alone.  Chunks of one file share their context, so it is read once.
+        """
         B, T = idx.shape
-        x = self.embed(idx)
-        cos, sin = self._rope(0, T, x.dtype)
-        want = cfg.memory_kv_heads
+        mask = None
+        if prefix is not None:
+            W = prefix.valid.shape[1]
+            causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
+            mask = torch.cat((prefix.valid[rows][:, None, None, :].expand(B, 1, T, W),
+                              causal.expand(B, 1, T, T)), dim=-1)
+        keys, values, _ = self._encode_blocks(self.embed(idx), self.cfg.encode_layers, mask,
+                                              prefix.kv if prefix is not None else None, rows)
+        return Entries(torch.stack(keys, 1), torch.stack(values, 1))
+
+    @torch.no_grad()
+    def read_prefix(self, contexts: list[list[int]], pad: int) -> Prefix:
+        """Keys and values of the blocks below the last memory layer for ``contexts``, each
+        right-aligned (padded on the left with ``pad``, which nothing attends to).  Rotary
+        attention depends only on distances, so a context read at shifted positions is the
+        same context."""
+        W = max(len(c) for c in contexts)
+        device = self.embed.weight.device
+        idx = torch.full((len(contexts), W), pad, dtype=torch.long)
+        valid = torch.zeros(len(contexts), W, dtype=torch.bool)
+        for r, c in enumerate(contexts):
+            idx[r, W - len(c) :] = torch.tensor(c, dtype=torch.long)
+            valid[r, W - len(c) :] = True
+        idx, valid = idx.to(device), valid.to(device)
+        causal = torch.ones(W, W, dtype=torch.bool, device=device).tril()
+        # padding attends to itself only (a row with no key would be NaN); no real token sees it
+        mask = (valid[:, None, None, :] & causal) | torch.eye(W, dtype=torch.bool, device=device)
+        _, _, kv = self._encode_blocks(self.embed(idx), self.cfg.encode_layers - 1, mask, None, None)
+        return Prefix(kv, valid)
+
+    def _encode_blocks(self, x: Tensor, upto: int, mask: Tensor | None, past: list[KV] | None,
+                       rows: Tensor | None) -> tuple[list[Tensor], list[Tensor], list[KV]]:
+        """Blocks below ``upto`` on ``x`` (read after ``past[i][rows]`` if given): the memory
+        key/value heads' keys and values (unrotated) and each block's rotated keys and values.
+        The last memory layer only projects: its keys and values are all the memory needs."""
+        cfg = self.cfg
+        H, Hkv = cfg.n_head, cfg.n_kv_head
+        B, T, _ = x.shape
+        cos, sin = self._rope(past[0].keys.shape[2] if past else 0, T, x.dtype)
+        keys, values, kv = [], [], []
         for i in range(upto):
             block = self.blocks[i]
-            h = block.ln1(x)
-            layer_heads = [kvh for layer, kvh in want if layer == i]
-            if i == upto - 1:  # the last memory layer: its keys and values are all we need
-                _, k, v = block.attn.project(h)
-                keys += [k[:, j] for j in layer_heads]
-                values += [v[:, j] for j in layer_heads]
+            qkv = block.attn.project(block.ln1(x))
+            for layer, kvh in cfg.memory_kv_heads:
+                if layer == i:
+                    keys.append(qkv[:, H + kvh])
+                    values.append(qkv[:, H + Hkv + kvh])
+            if i == cfg.encode_layers - 1:
                 break
-            q, k, v = block.attn.project(h)
-            keys += [k[:, j] for j in layer_heads]
-            values += [v[:, j] for j in layer_heads]
-            a = F.scaled_dot_product_attention(rotary(q, cos, sin), rotary(k, cos, sin), v, is_causal=T > 1,
+            qk = rotary(qkv[:, : H + Hkv], cos, sin)
+            k, v = qk[:, H:], qkv[:, H + Hkv :]
+            kv.append(KV(k, v))
+            if past:
+                k = torch.cat((past[i].keys[rows], k), dim=2)
+                v = torch.cat((past[i].values[rows], v), dim=2)
+            a = F.scaled_dot_product_attention(qk[:, :H], k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                                enable_gqa=cfg.group > 1)
             x = x + block.attn.o_proj(a.transpose(1, 2).reshape(B, T, -1))
             x = x + block.mlp(block.ln2(x))
-        return Entries(torch.stack(keys, 1), torch.stack(values, 1))
+        return keys, values, kv
 
 
 def _pad(x: Tensor, n: int, value: float) -> Tensor:

@@ -49,6 +49,9 @@ class CpuLinear(nn.Module):
 def for_inference(model: MemorizingTransformer, device: torch.device) -> MemorizingTransformer:
     """``model`` (float32, on the CPU) made ready to serve on ``device``; changes it in place."""
     model.eval()
+    for block in model.blocks:  # q/k/v and gate/up as one product each
+        block.attn.fuse()
+        block.mlp.fuse()
     if device.type != "cpu":
         return model.to(device=device, dtype=torch.bfloat16)
     if model.lm_head is None:  # the tied embedding, as an output layer of its own

@@ -95,3 +95,14 @@ def test_the_popup_list_answers_a_keystroke_into_a_listed_word(completer):
     # another document with the same text gets its own items
     _, fresh = completer.popup(B, PATH, BASE + more, len(BASE) + len(more), None)
     assert not any(f is c for f in fresh for c in listed)
+
+
+def test_only_the_most_recently_used_documents_keep_their_model_state(tok):
+    completer = Completer(Decoder(random_model(tiny_config(tok.vocab_size), seed=0), tok, window=512), max_docs=2)
+    uris = [f"file:///ws/app/m{i}.py" for i in range(3)]
+    shown = ghost(completer, uris[0], "li")
+    ghost(completer, uris[1], "li")
+    ghost(completer, uris[0], "li" + shown.text[0])  # uris[0] used again: uris[1] is now the oldest
+    ghost(completer, uris[2], "li")
+    assert list(completer._docs) == [uris[0], uris[2]]
+    assert ghost(completer, uris[0], "li" + shown.text[:2]).cached  # still kept

@@ -378,7 +378,7 @@ def test_prefill_matches_forward(decoder, model, tok, n):
     assert ctx.ids == ids
     assert ctx.logits.shape == (tok.vocab_size,)
     assert close(ctx.logits, full_logits(model, ids))
-    assert all(k.shape[2] == n and v.shape[2] == n for k, v in ctx.kv)
+    assert all(kv.keys.shape[2] == n and kv.values.shape[2] == n for kv in ctx.kv)
     assert ctx.evidence is None  # no memory, no evidence
 
 
@@ -399,6 +399,23 @@ def test_prefill_with_memory_matches_forward_and_returns_its_evidence(decoder, m
     assert nxt.evidence is not None and not torch.equal(nxt.evidence.weights, ev.weights)
 
 
+def test_contexts_stepped_from_one_parent_each_see_only_their_own_tokens(decoder, tok):
+    """Steps append keys and values in place where the parent's buffer has room; a second child
+    of the same parent, or the parent read again, must not see the first child's token."""
+    ids = rand_ids(tok, 20)
+    parent = decoder.prefill(ids[:17], None)
+    first = decoder.step([parent], [ids[17]], None)[0]
+    assert first.kv[0].buffer is parent.kv[0].buffer  # appended in place
+    second = decoder.step([parent], [ids[18]], None)[0]
+    assert second.kv[0].buffer is not parent.kv[0].buffer  # the slot was taken: copied
+    grandchild = decoder.step([first], [ids[19]], None)[0]
+    assert close(first.logits, decoder.prefill(ids[:18], None).logits)
+    assert close(second.logits, decoder.prefill(ids[:17] + [ids[18]], None).logits)
+    assert close(grandchild.logits, decoder.prefill(ids[:18] + [ids[19]], None).logits)
+    again = decoder.prefill(ids[:17] + [ids[19]], None, reuse=parent)
+    assert close(again.logits, decoder.prefill(ids[:17] + [ids[19]], None).logits)
+
+
 def test_prefill_reuses_context(decoder, model, tok):
     ids = rand_ids(tok, 20)
     ctx = decoder.prefill(ids[:17], None)
@@ -406,7 +423,7 @@ def test_prefill_reuses_context(decoder, model, tok):
     longer = decoder.prefill(ids, None, reuse=ctx)
     assert close(longer.logits, decoder.prefill(ids, None).logits)
     assert torch.equal(ctx.logits, kept) and ctx.ids == ids[:17]  # the old context is intact
-    assert all(k.shape[2] == 17 for k, _ in ctx.kv)
+    assert all(kv.keys.shape[2] == 17 for kv in ctx.kv)
     # only the three new tokens were read: a model whose layers fail on more would still answer
     calls = []
     original = model.forward
@@ -442,9 +459,9 @@ def test_step_batch_matches_single_steps(decoder, model, tok):
         assert got.ids == want.ids
         assert close(got.logits, want.logits)
         assert torch.equal(got.evidence.sources, want.evidence.sources)  # each row keeps its own
-        for (k1, v1), (k2, v2) in zip(got.kv, want.kv, strict=True):
-            assert k1.shape == k2.shape and torch.allclose(k1, k2, atol=1e-5)
-            assert torch.allclose(v1, v2, atol=1e-5)
+        for x, y in zip(got.kv, want.kv, strict=True):
+            assert x.keys.shape == y.keys.shape and torch.allclose(x.keys, y.keys, atol=1e-5)
+            assert torch.allclose(x.values, y.values, atol=1e-5)
     assert batched[0].ids == a.ids + [50] and a.ids == rand_ids(tok, 8, seed=1)
     # contexts of different lengths go one by one, with the same answers
     c = decoder.prefill(rand_ids(tok, 5, seed=3), mem)

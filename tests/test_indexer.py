@@ -196,6 +196,35 @@ def test_an_edit_re_encodes_only_the_changed_chunk(tmp_path, encoder):
     assert ix.refresh().unchanged == 1  # nothing left to do
 
 
+def test_chunks_read_after_their_shared_context_get_the_entries_of_context_plus_chunk(tok, tiny_cfg):
+    """The encoder reads each file's context once for all its chunks, a few files at a time;
+    each chunk's entries must be those of reading context + chunk from scratch."""
+    import torch
+
+    from mtlsp.index.encode import chunk_hashes, preamble
+
+    model = random_model(tiny_cfg)
+    jobs = []
+    imports = "".join(f"import mod{i}\n" for i in range(30)) + "\n\n"
+    for n, text in enumerate([imports + PY, PY.replace("CONSTANT", "LIMIT"), "x = 1\n", imports[:40] + PY]):
+        rel, data = f"pkg/m{n}.py", text.encode()
+        chunks = chunk_file(rel, data)
+        pre = preamble(data, chunks)
+        encoder = Encoder(model, tok)
+        jobs += [encoder.job(rel, data, c, h, pre) for c, h in zip(chunks, chunk_hashes(rel, data, chunks))]
+    contexts = {tuple(j.context) for j in jobs}
+    assert len(contexts) >= 5 and max(map(len, contexts)) > 40  # with a file's imports, and without
+    encoder = Encoder(model, tok, piece_tokens=16, batch_tokens=64, context_tokens=40)
+    got = encoder.encode(jobs)
+    for job, entries in zip(jobs, got, strict=True):
+        c = len(job.context)
+        want = np.concatenate([  # a long chunk is read in pieces, each after the context
+            model.encode(torch.tensor([job.context + job.ids[a:b]])).keys[0, :, c:].permute(1, 0, 2).numpy()
+            for a, b in encoder._pieces(len(job.ids), job.ids)
+        ])
+        np.testing.assert_allclose(entries.float_keys(), want, atol=2e-2 * np.abs(want).max())
+
+
 def test_defined_names_are_kept_with_their_chunks(tmp_path, encoder):
     """The store knows which names each file defines (popup candidates that exist), and an edit
     that keeps a chunk keeps its names."""

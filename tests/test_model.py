@@ -64,6 +64,18 @@ def test_incremental_decoding_with_memory_matches_one_pass(model, tok):
     torch.testing.assert_close(last.logits[:, 0], full[:, -1], atol=1e-5, rtol=1e-5)
 
 
+def test_fused_projections_compute_what_the_separate_ones_do(model, tok):
+    mem = memory_of(model, tok, [SRC])
+    ids = ids_of(tok, "x = total(")
+    before, entries = model(ids, memory=mem).logits, model.encode(ids)
+    for block in model.blocks:
+        block.attn.fuse()
+        block.mlp.fuse()
+    assert not hasattr(model.blocks[0].attn, "q_proj") and not hasattr(model.blocks[0].mlp, "gate")
+    torch.testing.assert_close(model(ids, memory=mem).logits, before, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model.encode(ids).keys, entries.keys, atol=1e-6, rtol=1e-6)
+
+
 def test_encode_gives_the_unrotated_keys_and_values_the_layers_compute(model, tok):
     ids = ids_of(tok, SRC)
     entries = model.encode(ids)
@@ -75,6 +87,24 @@ def test_encode_gives_the_unrotated_keys_and_values_the_layers_compute(model, to
     torch.testing.assert_close(entries.keys[:, 1], unrotated[:, 1], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(entries.values[:, 1], kv.values[:, 1])
     torch.testing.assert_close(entries.values[:, 0], model(ids).kv[1].values[:, 0])
+
+
+def test_rows_read_after_a_shared_prefix_get_the_entries_of_the_whole_text(model, tok):
+    contexts = [tok.file_header("a.py") + tok.encode("import os\n"), tok.file_header("long/b.py")]
+    texts = ["def f(x):\n    return x\n", "class C:\n    pass\n", "y = f(2) + 1\n"]
+    chunks = [tok.encode(t) for t in texts]
+    rows = torch.tensor([0, 1, 0])
+    prefix = model.read_prefix(contexts, pad=tok.eot)
+    width = max(map(len, chunks))
+    idx = torch.full((3, width), tok.eot)
+    for r, c in enumerate(chunks):
+        idx[r, : len(c)] = torch.tensor(c)
+    shared = model.encode(idx, prefix=prefix, rows=rows)
+    for r, c in enumerate(chunks):
+        ctx = contexts[int(rows[r])]
+        alone = model.encode(torch.tensor([ctx + c]))
+        torch.testing.assert_close(shared.keys[r, :, : len(c)], alone.keys[0, :, len(ctx) :], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(shared.values[r, :, : len(c)], alone.values[0, :, len(ctx) :], atol=1e-5, rtol=1e-4)
 
 
 def test_encode_runs_only_up_to_the_last_memory_layer(tok):

@@ -79,12 +79,13 @@ def setup(tok):
 
 
 def direct_score(model, tok, ranker, prompt_ids, head, name, memory) -> float:
-    """log P(head + name, then an identifier end | prompt), by one plain forward pass."""
+    """log P(head + name, then an identifier end | prompt), by one plain forward pass in which
+    the memory is read where the decoder reads it: the prompt's last ``memory_tail`` tokens on."""
     ids = tok.encode_bytes(head + name.encode())
     x = torch.tensor([prompt_ids + ids])
-    with torch.no_grad():
-        logp = model(x, memory=memory).logits[0]
     n = len(prompt_ids)
+    with torch.no_grad():
+        logp = model(x, memory=memory, memory_from=max(0, n - ranker.decoder.memory_tail)).logits[0]
     total = sum(float(logp[n - 1 + i, t]) for i, t in enumerate(ids))
     return total + ranker.boundary(logp[-1])
 
@@ -117,6 +118,25 @@ def test_narrow_beam_keeps_the_best(setup, tok):
     narrow = ranker.rank(ctx, head, names, memory, width=2, top=1)
     assert narrow[0].logprob <= wide[0].logprob + 1e-6
     assert ranker.rank(ctx, head, [], memory) == []
+
+
+def test_margin_and_floor_drop_only_names_that_are_not_wanted(setup, tok):
+    _, decoder, memory = setup
+    p = prompt.build(tok, "app/report.py", SRC, len(SRC), prefix_tokens=200)
+    head = p.required[: len(p.required) - len(p.typed)]
+    names = [f"su{w}" for w in ("m", "per", "btotal", "mmary", "mmarize_ledger", "pplier", "rface", "ffix",
+                                "bprocess_every_quarterly_ledger_line")]
+    ctx = decoder.prefill(p.ids, memory)
+    ranker = Ranker(decoder)
+    full = ranker.rank(ctx, head, names, memory, width=32, top=len(names))
+    best = full[0].logprob
+    margin = (best - full[-1].logprob) / 2
+    kept = ranker.rank(ctx, head, names, memory, width=32, top=len(names), margin=margin)
+    want = [r.name for r in full if r.logprob > best - margin]
+    assert [r.name for r in kept if r.logprob > best - margin] == want and len(want) < len(names)
+    floor = full[1].logprob
+    assert [r.name for r in ranker.rank(ctx, head, names, memory, width=32, top=1, floor=floor)] == [full[0].name]
+    assert ranker.rank(ctx, head, names, memory, width=32, top=1, floor=best + 1) == []
 
 
 def test_end_mask_blocks_exactly_the_identifier_continuations(tok):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -102,12 +102,16 @@ def support(evidence: Sequence[Evidence | None], recall: Recall, top: int = 5) -
 
 
 class Completer:
-    def __init__(self, decoder: Decoder, *, prefix_tokens: int = 384) -> None:
+    def __init__(self, decoder: Decoder, *, prefix_tokens: int = 384, max_docs: int = 8) -> None:
+        """``max_docs``: documents whose model state is kept.  A prompt's keys and values take
+        about 18 MB (384 tokens, 30 layers, float32), two per document; an editor with many
+        files open would otherwise hold them all, while only the ones being typed in pay off."""
         self.decoder = decoder
         self.tok = decoder.tok
         self.ranker = Ranker(decoder)
         self.prefix_tokens = prefix_tokens
-        self._docs: dict[str, _Doc] = {}
+        self.max_docs = max_docs
+        self._docs: OrderedDict[str, _Doc] = OrderedDict()  # least recently used first
         self._lock = threading.Lock()
 
     def forget(self, uri: str) -> None:
@@ -116,7 +120,11 @@ class Completer:
 
     def _doc(self, uri: str) -> _Doc:
         with self._lock:
-            return self._docs.setdefault(uri, _Doc())
+            doc = self._docs.pop(uri, None) or _Doc()
+            self._docs[uri] = doc
+            while len(self._docs) > self.max_docs:
+                self._docs.popitem(last=False)
+            return doc
 
     # ------------------------------------------------------------------ ghost text
 
@@ -159,7 +167,8 @@ class Completer:
             # the identifier at the cursor is spelled from a name that exists, if one is likely
             pool = candidates.pool(path, text, cursor, p.typed, recall.sources if recall else None)
             head = p.required[: len(p.required) - len(p.typed.encode("utf-8"))]
-            best = self.ranker.rank(ctx, head, pool, memory, width=4, top=1, cancel=cancel) if pool else []
+            floor = None if pool.closed else _NAME_FLOOR
+            best = self.ranker.rank(ctx, head, pool, memory, width=4, top=1, floor=floor, cancel=cancel) if pool else []
             # after ``module.`` (a closed pool) a name typed a moment ago is new to the model's
             # weights, so the best one is taken however unlikely the model finds it
             if best and (pool.closed or best[0].logprob > _NAME_FLOOR):
@@ -224,7 +233,7 @@ class Completer:
         pool = candidates.pool(path, text, cursor, p.typed, recall.sources if recall else None) if names else []
         if pool:  # the model ranks names that exist
             head = p.required[: len(p.required) - len(p.typed.encode("utf-8"))]
-            ranked = self.ranker.rank(ctx, head, pool, memory, width=width, top=items, cancel=cancel)
+            ranked = self.ranker.rank(ctx, head, pool, memory, width=width, top=items, margin=_PLAUSIBLE, cancel=cancel)
             found = {r.name: (r.logprob, tuple(r.evidence)) for r in ranked}
         else:  # nothing known to rank: the model's own beam
             found = self._beam(ctx, p, memory, width=width, max_steps=max_steps, items=items, cancel=cancel)

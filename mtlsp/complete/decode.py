@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 from mtlsp_model.memory import Memory
-from mtlsp_model.model import KV, MemorizingTransformer, Read
+from mtlsp_model.model import KV, KVBuffer, MemorizingTransformer, Read
 from mtlsp_model.tokenizer import Tokenizer
 from torch import Tensor
 
@@ -65,7 +65,7 @@ class Context:
     evidence: Evidence | None
 
     def truncated(self, n: int) -> list[KV]:
-        return [KV(k[:, :, :n], v[:, :, :n]) for k, v in self.kv]
+        return [KV(kv.keys[:, :, :n], kv.values[:, :, :n], kv.buffer) for kv in self.kv]
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -80,7 +80,7 @@ class Decoder:
     """One model, read incrementally.  Not thread-safe: the server runs it on one worker."""
 
     def __init__(self, model: MemorizingTransformer, tok: Tokenizer, *, window: int = 2048,
-                 chunk: int = 512, memory_tail: int = 64) -> None:
+                 chunk: int = 512, memory_tail: int = 16) -> None:
         self.model = model
         self.tok = tok
         self.device = next(model.parameters()).device
@@ -125,14 +125,12 @@ class Decoder:
             return [self.step([c], [t], memory)[0] for c, t in zip(ctxs, tokens, strict=True)]
         if len(ctxs[0].ids) + 1 > self.window:
             raise ValueError("the completion ran past the context window")
-        past = [
-            KV(torch.cat([c.kv[i].keys for c in ctxs]), torch.cat([c.kv[i].values for c in ctxs]))
-            for i in range(len(ctxs[0].kv))
-        ] if len(ctxs) > 1 else ctxs[0].kv
+        one = len(ctxs) == 1
+        past = ctxs[0].kv if one else [_batch([c.kv[i] for c in ctxs]) for i in range(len(ctxs[0].kv))]
         out = self._forward([[t] for t in tokens], past, memory)
         return [
-            Context(c.ids + [t], [KV(k[b : b + 1], v[b : b + 1]) for k, v in out.kv], out.logits[b, -1],
-                    Evidence.of(out.reads, b))
+            Context(c.ids + [t], out.kv if one else [KV(kv.keys[b : b + 1], kv.values[b : b + 1]) for kv in out.kv],
+                    out.logits[b, -1], Evidence.of(out.reads, b))
             for b, (c, t) in enumerate(zip(ctxs, tokens, strict=True))
         ]
 
@@ -140,6 +138,17 @@ class Decoder:
         x = torch.tensor(rows, device=self.device)
         with torch.inference_mode():
             return self.model(x, past=past, memory=memory, last_only=True, memory_from=memory_from)
+
+
+def _batch(kvs: list[KV], room: int = 1) -> KV:
+    """One layer's keys and values of several contexts as one batch, copied once into a buffer
+    with ``room`` for the token the step appends (in place, see ``KV.extend``)."""
+    B, (_, H, n, D) = len(kvs), kvs[0].keys.shape
+    buf = KVBuffer(kvs[0].keys.new_empty(B, H, n + room, D), kvs[0].values.new_empty(B, H, n + room, D), n)
+    for b, kv in enumerate(kvs):
+        buf.keys[b, :, :n] = kv.keys[0]
+        buf.values[b, :, :n] = kv.values[0]
+    return KV(buf.keys[:, :, :n], buf.values[:, :, :n], buf)
 
 
 class _TokenTable:

@@ -63,8 +63,15 @@ class Ranker:
         return float(torch.logsumexp(logits[self._ends.to(logits.device)], dim=0))
 
     def rank(self, ctx: Context, head: bytes, names: list[str], memory, *, width: int = 8, top: int = 8,
-             max_depth: int = 16, cancel: threading.Event | None = None) -> list[Ranked]:
-        """The ``top`` names, best first.  ``head``: bytes every name follows (the healed token)."""
+             max_depth: int = 16, margin: float | None = None, floor: float | None = None,
+             cancel: threading.Event | None = None) -> list[Ranked]:
+        """The ``top`` names, best first.  ``head``: bytes every name follows (the healed token).
+
+        ``margin``: names more than this many nats below the best are not wanted; ``floor``: nor
+        are names at or below this log-probability.  Partial names already past either are
+        dropped (a name's score only falls as it grows), which ends the search sooner without
+        changing what is kept.
+        """
         root = _Node()
         for name in names:
             node = root
@@ -81,8 +88,14 @@ class Ranker:
             grown = [(score + float(c.logits[t]), c, t, child, ev)
                      for score, c, node, ev in beams for t, child in node.children.items()]
             grown.sort(key=lambda g: -g[0])
-            floor = sorted((r.logprob for r in finished), reverse=True)[top - 1] if len(finished) >= top else None
-            grown = [g for g in grown[:width] if floor is None or g[0] > floor]  # scores only fall
+            scores = sorted((r.logprob for r in finished), reverse=True)
+            bars = [floor] if floor is not None else []
+            if len(scores) >= top:
+                bars.append(scores[top - 1])
+            if scores and margin is not None:
+                bars.append(scores[0] - margin)
+            bar = max(bars) if bars else None
+            grown = [g for g in grown[:width] if bar is None or g[0] > bar]  # scores only fall
             if not grown:
                 break
             stepped = self.decoder.step([g[1] for g in grown], [g[2] for g in grown], memory)
