@@ -145,20 +145,29 @@ class KV(NamedTuple):
         """
         n, T = self.keys.shape[2], keys.shape[2]
         buf = self.buffer
-        if (buf is not None and buf.claimed == n and buf.keys.shape[2] >= n + T and buf.keys.dtype == keys.dtype
-                and not torch.is_grad_enabled()):
-            buf.keys[:, :, n : n + T] = keys
-            buf.values[:, :, n : n + T] = values
-        else:
-            B, H, _, D = keys.shape
-            size = (B, H, n + T + room, D)
-            buf = KVBuffer(keys.new_empty(size), values.new_empty(size), n)
-            buf.keys[:, :, :n] = self.keys
-            buf.values[:, :, :n] = self.values
-            buf.keys[:, :, n : n + T] = keys
-            buf.values[:, :, n : n + T] = values
+        if not (buf is not None and buf.claimed == n and buf.keys.shape[2] >= n + T
+                and buf.keys.dtype == keys.dtype and not torch.is_grad_enabled()):
+            buf = KV.join([KV(self.keys.to(keys.dtype), self.values.to(values.dtype))], T + room).buffer
+        buf.keys[:, :, n : n + T] = keys
+        buf.values[:, :, n : n + T] = values
         buf.claimed = n + T
         return KV(buf.keys[:, :, : n + T], buf.values[:, :, : n + T], buf)
+
+    @staticmethod
+    def join(kvs: list[KV], room: int) -> KV:
+        """``kvs`` (of one length) one after the other along the batch axis, copied once into a
+        new buffer with ``room`` spare positions: what ``extend`` then appends to in place."""
+        n = kvs[0].keys.shape[2]
+        B = sum(kv.keys.shape[0] for kv in kvs)
+        _, H, _, D = kvs[0].keys.shape
+        buf = KVBuffer(kvs[0].keys.new_empty(B, H, n + room, D), kvs[0].values.new_empty(B, H, n + room, D), n)
+        b = 0
+        for kv in kvs:
+            rows = kv.keys.shape[0]
+            buf.keys[b : b + rows, :, :n] = kv.keys
+            buf.values[b : b + rows, :, :n] = kv.values
+            b += rows
+        return KV(buf.keys[:, :, :n], buf.values[:, :, :n], buf)
 
 
 class Entries(NamedTuple):
@@ -503,9 +512,8 @@ class MemorizingTransformer(nn.Module):
         mask = None
         if prefix is not None:
             W = prefix.valid.shape[1]
-            causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
             mask = torch.cat((prefix.valid[rows][:, None, None, :].expand(B, 1, T, W),
-                              causal.expand(B, 1, T, T)), dim=-1)
+                              self._mask(T, 0, idx.device).expand(B, 1, T, T)), dim=-1)
         keys, values, _ = self._encode_blocks(self.embed(idx), self.cfg.encode_layers, mask,
                                               prefix.kv if prefix is not None else None, rows)
         return Entries(torch.stack(keys, 1), torch.stack(values, 1))
@@ -524,9 +532,8 @@ class MemorizingTransformer(nn.Module):
             idx[r, W - len(c) :] = torch.tensor(c, dtype=torch.long)
             valid[r, W - len(c) :] = True
         idx, valid = idx.to(device), valid.to(device)
-        causal = torch.ones(W, W, dtype=torch.bool, device=device).tril()
         # padding attends to itself only (a row with no key would be NaN); no real token sees it
-        mask = (valid[:, None, None, :] & causal) | torch.eye(W, dtype=torch.bool, device=device)
+        mask = (valid[:, None, None, :] & self._mask(W, 0, device)) | torch.eye(W, dtype=torch.bool, device=device)
         _, _, kv = self._encode_blocks(self.embed(idx), self.cfg.encode_layers - 1, mask, None, None)
         return Prefix(kv, valid)
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 from mtlsp_model.memory import Memory
-from mtlsp_model.model import KV, KVBuffer, MemorizingTransformer, Read
+from mtlsp_model.model import KV, MemorizingTransformer, Read
 from mtlsp_model.tokenizer import Tokenizer
 from torch import Tensor
 
@@ -126,7 +126,8 @@ class Decoder:
         if len(ctxs[0].ids) + 1 > self.window:
             raise ValueError("the completion ran past the context window")
         one = len(ctxs) == 1
-        past = ctxs[0].kv if one else [_batch([c.kv[i] for c in ctxs]) for i in range(len(ctxs[0].kv))]
+        # the contexts as one batch, copied once, with room for the token this step appends
+        past = ctxs[0].kv if one else [KV.join([c.kv[i] for c in ctxs], room=1) for i in range(len(ctxs[0].kv))]
         out = self._forward([[t] for t in tokens], past, memory)
         return [
             Context(c.ids + [t], out.kv if one else [KV(kv.keys[b : b + 1], kv.values[b : b + 1]) for kv in out.kv],
@@ -138,17 +139,6 @@ class Decoder:
         x = torch.tensor(rows, device=self.device)
         with torch.inference_mode():
             return self.model(x, past=past, memory=memory, last_only=True, memory_from=memory_from)
-
-
-def _batch(kvs: list[KV], room: int = 1) -> KV:
-    """One layer's keys and values of several contexts as one batch, copied once into a buffer
-    with ``room`` for the token the step appends (in place, see ``KV.extend``)."""
-    B, (_, H, n, D) = len(kvs), kvs[0].keys.shape
-    buf = KVBuffer(kvs[0].keys.new_empty(B, H, n + room, D), kvs[0].values.new_empty(B, H, n + room, D), n)
-    for b, kv in enumerate(kvs):
-        buf.keys[b, :, :n] = kv.keys[0]
-        buf.values[b, :, :n] = kv.values[0]
-    return KV(buf.keys[:, :, :n], buf.values[:, :, :n], buf)
 
 
 class _TokenTable:

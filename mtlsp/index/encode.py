@@ -121,16 +121,19 @@ class Encoder:
         """
         parts: dict[int, list[tuple[int, np.ndarray, np.ndarray]]] = {}
         group: dict[tuple[int, ...], int] = {}  # context -> its row in the group's prefix
-        members: list[int] = []
+        members: list[tuple[int, int]] = []  # (job, its context's row)
+        held = 0  # context tokens in the group
         for j, job in enumerate(jobs):
             key = tuple(job.context)
-            if key not in group and group and sum(map(len, group)) + len(key) > self.context_tokens:
-                self._encode_group(jobs, members, group, parts)
-                group, members = {}, []
-            group.setdefault(key, len(group))
-            members.append(j)
+            if key not in group and group and held + len(key) > self.context_tokens:
+                self._encode_group(jobs, members, list(group), parts)
+                group, members, held = {}, [], 0
+            if key not in group:
+                group[key] = len(group)
+                held += len(key)
+            members.append((j, group[key]))
         if members:
-            self._encode_group(jobs, members, group, parts)
+            self._encode_group(jobs, members, list(group), parts)
         out = []
         S, D = len(self.model.cfg.memory_kv_heads), self.model.cfg.head_dim
         for j, job in enumerate(jobs):
@@ -140,10 +143,10 @@ class Encoder:
             out.append(Entries.from_float(keys, values, np.asarray(job.ids, dtype=np.int64), job.offsets))
         return out
 
-    def _encode_group(self, jobs: list[Job], members: list[int], group: dict[tuple[int, ...], int],
+    def _encode_group(self, jobs: list[Job], members: list[tuple[int, int]], contexts: list[tuple[int, ...]],
                       parts: dict) -> None:
-        prefix = self.model.read_prefix([list(c) for c in group], pad=self.tok.eot)
-        rows = [(j, a, b) for j in members for a, b in self._pieces(len(jobs[j].ids), jobs[j].ids)]
+        prefix = self.model.read_prefix([list(c) for c in contexts], pad=self.tok.eot)
+        rows = [(j, a, b, row) for j, row in members for a, b in self._pieces(len(jobs[j].ids), jobs[j].ids)]
         rows.sort(key=lambda r: r[2] - r[1])
         i = 0
         while i < len(rows):
@@ -151,8 +154,8 @@ class Encoder:
             while k < len(rows) and (k - i + 1) * (rows[k][2] - rows[k][1]) <= self.batch_tokens:
                 k += 1
             batch = rows[i:k]
-            which = torch.tensor([group[tuple(jobs[j].context)] for j, _, _ in batch], device=self.device)
-            self._encode_batch(jobs, batch, prefix, which, parts)
+            which = torch.tensor([row for *_, row in batch], device=self.device)
+            self._encode_batch(jobs, [(j, a, b) for j, a, b, _ in batch], prefix, which, parts)
             i = k
 
     def _encode_batch(self, jobs: list[Job], rows: list[tuple[int, int, int]], prefix: Prefix, which: torch.Tensor,

@@ -249,11 +249,11 @@ class IvfIndex:
         kmeans.niter, kmeans.seed = 10, seed
         kmeans.train(self._lift(sample), self._cells)
         lifted = faiss.vector_to_array(kmeans.centroids).reshape(self.nlist, dim + 1)
-        self._centroids = np.ascontiguousarray(lifted[:, :dim])  # a query's lift is 0 in the last dim
+        centroids = np.ascontiguousarray(lifted[:, :dim])  # a query's lift is 0 in the last dim
         self._half_norms = torch.from_numpy(np.ascontiguousarray(0.5 * (lifted**2).sum(axis=1), dtype=np.float32))
-        self._centroids_t = torch.from_numpy(np.ascontiguousarray(self._centroids.T))  # (D, nlist)
+        self._centroids_t = torch.from_numpy(np.ascontiguousarray(centroids.T))  # (D, nlist)
         self._quantizer = faiss.IndexFlatIP(dim)  # faiss wants one; lists are chosen by the lifted cells
-        self._quantizer.add(self._centroids)
+        self._quantizer.add(centroids)
         self.index = faiss.IndexIVFScalarQuantizer(
             self._quantizer, dim, self.nlist, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT, False
         )
