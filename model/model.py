@@ -29,6 +29,7 @@ Choices and why:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 from typing import NamedTuple
 
@@ -501,12 +502,14 @@ class MemorizingTransformer(nn.Module):
     # ------------------------------------------------------------------ encoding
 
     @torch.no_grad()
-    def encode(self, idx: Tensor, *, prefix: Prefix | None = None, rows: Tensor | None = None) -> Entries:
+    def encode(self, idx: Tensor, *, prefix: Prefix | None = None, rows: Tensor | None = None,
+               pause: Callable[[], None] | None = None) -> Entries:
         """Memory entries of ``idx`` ``(B, T)``: only the blocks up to the last memory layer run.
 
         ``prefix``/``rows``: row b is read after context ``rows[b]`` of ``prefix`` (what
         ``read_prefix`` returned), as if that context were in front of it; entries are those
         of ``idx`` alone.  Chunks of one file share their context, so it is read once.
+        ``pause``: called before each block, where a server lets waiting completions run first.
         """
         B, T = idx.shape
         mask = None
@@ -515,11 +518,11 @@ class MemorizingTransformer(nn.Module):
             mask = torch.cat((prefix.valid[rows][:, None, None, :].expand(B, 1, T, W),
                               self._mask(T, 0, idx.device).expand(B, 1, T, T)), dim=-1)
         keys, values, _ = self._encode_blocks(self.embed(idx), self.cfg.encode_layers, mask,
-                                              prefix.kv if prefix is not None else None, rows)
+                                              prefix.kv if prefix is not None else None, rows, pause)
         return Entries(torch.stack(keys, 1), torch.stack(values, 1))
 
     @torch.no_grad()
-    def read_prefix(self, contexts: list[list[int]], pad: int) -> Prefix:
+    def read_prefix(self, contexts: list[list[int]], pad: int, pause: Callable[[], None] | None = None) -> Prefix:
         """Keys and values of the blocks below the last memory layer for ``contexts``, each
         right-aligned (padded on the left with ``pad``, which nothing attends to).  Rotary
         attention depends only on distances, so a context read at shifted positions is the
@@ -534,11 +537,12 @@ class MemorizingTransformer(nn.Module):
         idx, valid = idx.to(device), valid.to(device)
         # padding attends to itself only (a row with no key would be NaN); no real token sees it
         mask = (valid[:, None, None, :] & self._mask(W, 0, device)) | torch.eye(W, dtype=torch.bool, device=device)
-        _, _, kv = self._encode_blocks(self.embed(idx), self.cfg.encode_layers - 1, mask, None, None)
+        _, _, kv = self._encode_blocks(self.embed(idx), self.cfg.encode_layers - 1, mask, None, None, pause)
         return Prefix(kv, valid)
 
     def _encode_blocks(self, x: Tensor, upto: int, mask: Tensor | None, past: list[KV] | None,
-                       rows: Tensor | None) -> tuple[list[Tensor], list[Tensor], list[KV]]:
+                       rows: Tensor | None, pause: Callable[[], None] | None = None,
+                       ) -> tuple[list[Tensor], list[Tensor], list[KV]]:
         """Blocks below ``upto`` on ``x`` (read after ``past[i][rows]`` if given): the memory
         key/value heads' keys and values (unrotated) and each block's rotated keys and values.
         The last memory layer only projects: its keys and values are all the memory needs."""
@@ -548,6 +552,8 @@ class MemorizingTransformer(nn.Module):
         cos, sin = self._rope(past[0].keys.shape[2] if past else 0, T, x.dtype)
         keys, values, kv = [], [], []
         for i in range(upto):
+            if pause is not None:
+                pause()
             block = self.blocks[i]
             qkv = block.attn.project(block.ln1(x))
             for layer, kvh in cfg.memory_kv_heads:

@@ -29,6 +29,7 @@ from .complete.decode import Decoder
 from .complete.retrieval import StoreMemory
 from .complete.static import Jedi
 from .index.chunks import defined_names
+from .gate import ModelGate
 from .index.encode import Encoder
 from .index.indexer import Indexer, Progress, Report
 from .index.scan import ScanOptions, read_text
@@ -60,7 +61,8 @@ class Engine:
         self.device = device
         self.weights = weights
         self.decoder = Decoder(loaded.model, loaded.tokenizer)
-        self.encoder = Encoder(loaded.model, loaded.tokenizer)
+        self.gate = ModelGate()  # completions before memory writes (the server holds it for completions)
+        self.encoder = Encoder(loaded.model, loaded.tokenizer, gate=self.gate)
 
     def completer(self, context_tokens: int) -> Completer:
         return Completer(self.decoder, prefix_tokens=context_tokens)

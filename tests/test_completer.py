@@ -11,7 +11,8 @@ from __future__ import annotations
 import pytest
 from conftest import random_model, tiny_config
 
-from mtlsp.complete.completer import Completer
+from mtlsp.complete.candidates import Sources
+from mtlsp.complete.completer import Completer, Recall
 from mtlsp.complete.decode import Decoder
 
 PATH = "app/pricing.py"
@@ -106,3 +107,25 @@ def test_only_the_most_recently_used_documents_keep_their_model_state(tok):
     ghost(completer, uris[2], "li")
     assert list(completer._docs) == [uris[0], uris[2]]
     assert ghost(completer, uris[0], "li" + shown.text[:2]).cached  # still kept
+
+
+def test_ghost_text_and_popup_at_one_place_read_the_prompt_once(completer):
+    ghost(completer, A, "")
+    state = completer._docs[A].inline
+    completer.popup(A, PATH, BASE, len(BASE), None)
+    assert completer._docs[A].popup is state
+
+
+def test_a_name_that_appears_while_typing_is_ranked_into_the_popup(completer):
+    names = ["line_total", "listing", "report"]
+    recall = Recall(None, lambda path, offset: 0, Sources(lambda: list(names)))
+    text = BASE + "l"
+    _, listed = completer.popup(A, PATH, text, len(text), recall)
+    assert listed
+    before = completer._docs[A].listed
+    completer.popup(A, PATH, text, len(text), recall)
+    assert completer._docs[A].listed is before  # nothing new: answered from the list
+    names.append("lint_everything")  # typed a moment ago in another buffer
+    completer.popup(A, PATH, text, len(text), recall)
+    assert completer._docs[A].listed is not before  # ranked again, with the new name
+    assert "lint_everything" in completer._docs[A].listed.pool

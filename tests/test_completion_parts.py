@@ -449,6 +449,37 @@ def test_prefill_identical_ids_returns_same_context(decoder, tok):
     assert decoder.prefill(list(ids), None, reuse=ctx) is ctx
 
 
+class Versioned:
+    """A memory whose entries change under the same object, as the workspace's store does when
+    the user saves a new function: it says so through ``version``."""
+
+    def __init__(self, memory: TensorMemory) -> None:
+        self.memory, self.version = memory, 0
+
+    def search(self, slot, queries, k):
+        return self.memory.search(slot, queries, k)
+
+
+def test_a_changed_memory_is_read_again_by_the_same_prompt(decoder, model, tok):
+    ids = rand_ids(tok, 30)  # longer than the memory tail: its start reads no memory
+    memory = Versioned(a_memory(model, tok, seed=3))
+    ctx = decoder.prefill(ids, memory)
+    assert decoder.prefill(list(ids), memory, reuse=ctx) is ctx  # nothing changed: reused whole
+    memory.memory, memory.version = a_memory(model, tok, seed=4), 1
+    calls = []
+    original = model.forward
+    model.forward = lambda idx, **kw: calls.append(idx.shape[1]) or original(idx, **kw)
+    again = decoder.prefill(list(ids), memory, reuse=ctx)
+    model.forward = original
+    assert calls == [decoder.memory_tail]  # only the positions that read the memory
+    assert close(again.logits, decoder.prefill(ids, memory).logits)
+    assert not close(again.logits, ctx.logits)
+    # a context read without memory is reused whole by a prompt that extends it without memory
+    plain = decoder.prefill(ids[:20], None)
+    assert plain.clean == 20
+    assert close(decoder.prefill(ids, memory, reuse=plain).logits, decoder.prefill(ids, memory).logits)
+
+
 def test_step_batch_matches_single_steps(decoder, model, tok):
     mem = a_memory(model, tok)
     a = decoder.prefill(rand_ids(tok, 8, seed=1), mem)
@@ -550,3 +581,21 @@ def test_support_sums_memory_attention_per_line():
     assert weights[("a.py", 2)] == pytest.approx((0.2 + 0.3) / total)  # offsets 10 and 12
     assert weights[("b.py", 1)] == pytest.approx(0.1 / total)
     assert [s.path for s in got][0] == "a.py" and len(got) == 3
+
+
+# --------------------------------------------------------------------------- static names
+
+
+def test_jedi_is_asked_once_per_place_whatever_is_typed_there(tmp_path):
+    from mtlsp.complete.static import Jedi
+
+    (tmp_path / "shapes.py").write_text("def area_of_circle(r):\n    return 3.14 * r * r\n")
+    jedi = Jedi(tmp_path)
+    text = "import shapes\n\nshapes.ar\nprint(1)\n"
+    cursor = text.index("ar\n") + 2
+    names = jedi.names_at("main.py", text, cursor)
+    assert "area_of_circle" in names
+    typed_on = text[:cursor] + "e" + text[cursor:]
+    assert jedi.names_at("main.py", typed_on, cursor + 1) is names  # the same place: kept
+    elsewhere = text.replace("print(1)", "shapes.")
+    assert "area_of_circle" in jedi.names_at("main.py", elsewhere, len(elsewhere) - 1)

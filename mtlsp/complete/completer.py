@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from . import candidates, prompt, stops
-from .decode import Context, Decoder, Evidence, check
+from .decode import Context, Decoder, Evidence, check, common_prefix, memory_version
 from .rank import Ranker
 from .retrieval import StoreMemory
 
@@ -72,12 +72,24 @@ class Recall:
     sources: candidates.Sources | None = None  # names that exist (popup candidates)
 
 
+@dataclass(frozen=True)
+class _Listed:
+    """A popup list and what it was ranked from: while the user types on into its word, the
+    items it still matches are the answer, unless the memory or the candidate names changed."""
+
+    ids: list[int]
+    typed: str
+    memory: object  # ``memory_version`` when ranked
+    pool: frozenset[str]  # the candidates ranked
+    items: list[Candidate]
+
+
 @dataclass
 class _Doc:
     inline: Context | None = None
     popup: Context | None = None
     shown: _Shown | None = None
-    listed: tuple[list[int], str, list[Candidate]] | None = None  # popup: prompt ids, typed, items
+    listed: _Listed | None = None
 
 
 def support(evidence: Sequence[Evidence | None], recall: Recall, top: int = 5) -> list[Support]:
@@ -224,13 +236,15 @@ class Completer:
         memory = recall.memory if recall else None
         budget = min(self.prefix_tokens, self.decoder.window - len(preamble) - max_steps - 8)
         p = prompt.build(self.tok, path, text, cursor, prefix_tokens=budget, preamble=preamble)
-        if doc.listed is not None and doc.listed[0] == p.ids and p.typed.startswith(doc.listed[1]):
+        pool = candidates.pool(path, text, cursor, p.typed, recall.sources if recall else None) if names else []
+        last = doc.listed
+        if (last is not None and last.ids == p.ids and p.typed.startswith(last.typed)
+                and last.memory == memory_version(memory) and last.pool.issuperset(pool)):
             # typing on into a word already listed: the items it still matches, without the model
-            still = [c for c in doc.listed[2] if c.word.startswith(p.typed) and c.word != p.typed]
+            still = [c for c in last.items if c.word.startswith(p.typed) and c.word != p.typed]
             if still:
                 return p.typed, still
         ctx = self._prefill(doc, "popup", p.ids, memory, cancel)
-        pool = candidates.pool(path, text, cursor, p.typed, recall.sources if recall else None) if names else []
         if pool:  # the model ranks names that exist
             head = p.required[: len(p.required) - len(p.typed.encode("utf-8"))]
             ranked = self.ranker.rank(ctx, head, pool, memory, width=width, top=items, margin=_PLAUSIBLE, cancel=cancel)
@@ -244,7 +258,7 @@ class Completer:
             Candidate(w, lp, support(ev, recall, top=3) if recall else [])
             for w, (lp, ev) in best
         ]
-        doc.listed = (p.ids, p.typed, listed)
+        doc.listed = _Listed(p.ids, p.typed, memory_version(memory), frozenset(pool), listed)
         return p.typed, listed
 
     def _beam(self, ctx: Context, p: prompt.Prompt, memory, *, width: int, max_steps: int, items: int,
@@ -286,8 +300,11 @@ class Completer:
     # ------------------------------------------------------------------ shared
 
     def _prefill(self, doc: _Doc, kind: str, ids: list[int], memory: StoreMemory | None, cancel) -> Context:
-        """The prompt's model state, reusing the document's previous one."""
-        ctx = self.decoder.prefill(ids, memory, reuse=getattr(doc, kind), cancel=cancel)
+        """The prompt's model state, reusing whichever of the document's two (ghost text's and
+        the popup's) shares more of it: an editor asks for both at the same place at once."""
+        known = [c for c in (doc.inline, doc.popup) if c is not None]
+        reuse = max(known, key=lambda c: common_prefix(c.ids, ids), default=None)
+        ctx = self.decoder.prefill(ids, memory, reuse=reuse, cancel=cancel)
         setattr(doc, kind, ctx)
         return ctx
 

@@ -63,9 +63,20 @@ class Context:
     kv: list[KV]
     logits: Tensor  # (V,) log-probabilities of the token after ``ids``
     evidence: Evidence | None
+    memory: object = None  # the memory's version when it was read (``memory_version``)
+    clean: int = 0  # leading positions that read no memory: right whatever the memory holds now
 
     def truncated(self, n: int) -> list[KV]:
         return [KV(kv.keys[:, :, :n], kv.values[:, :, :n], kv.buffer) for kv in self.kv]
+
+
+def memory_version(memory: Memory | None) -> object:
+    """What a context's memory reads depend on.  A memory whose entries change under the same
+    object (the workspace's store, written as the user edits) says so with a ``version``;
+    without one, a memory is taken to be fixed."""
+    if memory is None:
+        return None
+    return getattr(memory, "version", id(memory))
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -103,13 +114,18 @@ class Decoder:
             raise ValueError("an empty prompt")
         if len(ids) > self.window:
             raise ValueError(f"a prompt of {len(ids)} tokens exceeds the {self.window}-token window")
+        version = memory_version(memory)
         n = common_prefix(reuse.ids, ids) if reuse is not None else 0
-        if reuse is not None and n == len(ids) == len(reuse.ids):
+        tail_from = len(ids) - self.memory_tail
+        if reuse is not None and reuse.memory != version:
+            # another memory, or the memory changed (a function was just stored): the positions
+            # that read the old one, and this prompt's tail, read the memory as it is now
+            n = min(n, reuse.clean, max(0, tail_from))
+        elif reuse is not None and n == len(ids) == len(reuse.ids):
             return reuse
         n = min(n, len(ids) - 1)  # the last token is always run: its scores are the answer
         past = reuse.truncated(n) if reuse is not None and n else None
         out = None
-        tail_from = len(ids) - self.memory_tail
         for start in range(n, len(ids), self.chunk):
             check(cancel)
             piece = ids[start : start + self.chunk]
@@ -117,7 +133,9 @@ class Decoder:
             out = self._forward([piece], past, reads, memory_from=max(0, tail_from - start))
             past = out.kv
         assert out is not None
-        return Context(list(ids), out.kv, out.logits[0, -1], Evidence.of(out.reads, 0))
+        kept_clean = min(n, reuse.clean) if reuse is not None else 0
+        clean = kept_clean if kept_clean < n else len(ids) if memory is None else max(n, tail_from)
+        return Context(list(ids), out.kv, out.logits[0, -1], Evidence.of(out.reads, 0), version, clean)
 
     def step(self, ctxs: list[Context], tokens: list[int], memory: Memory | None) -> list[Context]:
         """Append one token to each context, as one batch when they have the same length."""
@@ -131,7 +149,7 @@ class Decoder:
         out = self._forward([[t] for t in tokens], past, memory)
         return [
             Context(c.ids + [t], out.kv if one else [KV(kv.keys[b : b + 1], kv.values[b : b + 1]) for kv in out.kv],
-                    out.logits[b, -1], Evidence.of(out.reads, b))
+                    out.logits[b, -1], Evidence.of(out.reads, b), c.memory, c.clean)
             for b, (c, t) in enumerate(zip(ctxs, tokens, strict=True))
         ]
 

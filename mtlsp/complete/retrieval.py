@@ -27,6 +27,12 @@ class StoreMemory:
         self.store = store
         self.hide = hide  # files this view leaves out (evaluation: the file being scored)
 
+    @property
+    def version(self) -> tuple[int, tuple[str, ...]]:
+        """Changes whenever a search could answer differently: a model state that read the
+        memory before is then read again (``decode.memory_version``)."""
+        return self.store.generation, self.hide
+
     @torch.no_grad()
     def search(self, slot: int, queries: Tensor, k: int) -> Retrieved:
         B, G, T, D = queries.shape

@@ -9,9 +9,12 @@ characters.  mtlsp uses that list twice: as popup candidates for the model to ra
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from pathlib import Path
 
 import jedi
+
+from .prompt import word_before
 
 
 class Jedi:
@@ -19,12 +22,24 @@ class Jedi:
         extra = [str(root / "src")] if (root / "src").is_dir() else []
         self.root = root
         self.project = jedi.Project(root, added_sys_path=extra)
+        self._answers: OrderedDict[tuple[str, str, str], list[str]] = OrderedDict()
 
     def names_at(self, path: str, text: str, cursor: int) -> list[str]:
-        """Names valid at character ``cursor`` of ``text`` (none where jedi cannot tell)."""
-        line = text.count("\n", 0, cursor)
-        column = cursor - (text.rfind("\n", 0, cursor) + 1)
-        return self.complete(path, text, line, column)[0]
+        """Names valid where the word at character ``cursor`` of ``text`` starts, whatever its
+        typed part (the caller filters): jedi is asked once per place, and the answer kept, so
+        ghost text and popup at one place, and the keystrokes of one word, share it (a first
+        question in a file costs jedi up to a second).  None where jedi cannot tell."""
+        line_start = text.rfind("\n", 0, cursor) + 1
+        start = cursor - len(word_before(text[line_start:cursor]))
+        key = (path, text[:start], text[cursor:])
+        names = self._answers.get(key)
+        if names is None:
+            names = self.complete(path, key[1] + key[2], text.count("\n", 0, start), start - line_start)[0]
+            self._answers[key] = names
+            while len(self._answers) > 16:
+                self._answers.popitem(last=False)
+        self._answers.move_to_end(key)
+        return names
 
     def complete(self, path: str, text: str, line: int, column: int) -> tuple[list[str], float, str | None]:
         """Names jedi offers at 0-based ``line``/``column``, its time in ms, and its error if any."""

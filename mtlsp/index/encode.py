@@ -18,7 +18,9 @@ layer run.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +28,7 @@ import torch
 from mtlsp_model.model import MemorizingTransformer, Prefix
 from mtlsp_model.tokenizer import Tokenizer
 
+from ..gate import ModelGate
 from ..store.files import Entries
 from .chunks import Chunk
 
@@ -72,8 +75,10 @@ class Encoder:
     """Turns jobs into storage entries with one model; thread-compatible, not thread-safe."""
 
     def __init__(self, model: MemorizingTransformer, tok: Tokenizer, *, batch_tokens: int = 4096,
-                 piece_tokens: int = 1024, context_tokens: int = 4096) -> None:
+                 piece_tokens: int = 1024, context_tokens: int = 4096, gate: ModelGate | None = None) -> None:
+        """``gate``: shared with the completions of a server, which go first (``gate.py``)."""
         self.model = model
+        self.gate = gate
         self.tok = tok
         self.batch_tokens = batch_tokens
         self.piece_tokens = piece_tokens
@@ -123,17 +128,18 @@ class Encoder:
         group: dict[tuple[int, ...], int] = {}  # context -> its row in the group's prefix
         members: list[tuple[int, int]] = []  # (job, its context's row)
         held = 0  # context tokens in the group
-        for j, job in enumerate(jobs):
-            key = tuple(job.context)
-            if key not in group and group and held + len(key) > self.context_tokens:
-                self._encode_group(jobs, members, list(group), parts)
-                group, members, held = {}, [], 0
-            if key not in group:
-                group[key] = len(group)
-                held += len(key)
-            members.append((j, group[key]))
-        if members:
-            self._encode_group(jobs, members, list(group), parts)
+        with self.gate.write() if self.gate is not None else contextlib.nullcontext() as pause:
+            for j, job in enumerate(jobs):
+                key = tuple(job.context)
+                if key not in group and group and held + len(key) > self.context_tokens:
+                    self._encode_group(jobs, members, list(group), parts, pause)
+                    group, members, held = {}, [], 0
+                if key not in group:
+                    group[key] = len(group)
+                    held += len(key)
+                members.append((j, group[key]))
+            if members:
+                self._encode_group(jobs, members, list(group), parts, pause)
         out = []
         S, D = len(self.model.cfg.memory_kv_heads), self.model.cfg.head_dim
         for j, job in enumerate(jobs):
@@ -144,8 +150,8 @@ class Encoder:
         return out
 
     def _encode_group(self, jobs: list[Job], members: list[tuple[int, int]], contexts: list[tuple[int, ...]],
-                      parts: dict) -> None:
-        prefix = self.model.read_prefix([list(c) for c in contexts], pad=self.tok.eot)
+                      parts: dict, pause: Callable[[], None] | None) -> None:
+        prefix = self.model.read_prefix([list(c) for c in contexts], pad=self.tok.eot, pause=pause)
         rows = [(j, a, b, row) for j, row in members for a, b in self._pieces(len(jobs[j].ids), jobs[j].ids)]
         rows.sort(key=lambda r: r[2] - r[1])
         i = 0
@@ -155,16 +161,16 @@ class Encoder:
                 k += 1
             batch = rows[i:k]
             which = torch.tensor([row for *_, row in batch], device=self.device)
-            self._encode_batch(jobs, [(j, a, b) for j, a, b, _ in batch], prefix, which, parts)
+            self._encode_batch(jobs, [(j, a, b) for j, a, b, _ in batch], prefix, which, parts, pause)
             i = k
 
     def _encode_batch(self, jobs: list[Job], rows: list[tuple[int, int, int]], prefix: Prefix, which: torch.Tensor,
-                      parts: dict) -> None:
+                      parts: dict, pause: Callable[[], None] | None) -> None:
         width = max(b - a for _, a, b in rows)
         x = torch.full((len(rows), width), self.tok.eot, dtype=torch.long)
         for r, (j, a, b) in enumerate(rows):
             x[r, : b - a] = torch.tensor(jobs[j].ids[a:b])
-        e = self.model.encode(x.to(self.device), prefix=prefix, rows=which)
+        e = self.model.encode(x.to(self.device), prefix=prefix, rows=which, pause=pause)
         keys = e.keys.float().permute(0, 2, 1, 3).cpu().numpy()  # (B, T, S, D)
         values = e.values.float().permute(0, 2, 1, 3).cpu().numpy()
         for r, (j, a, b) in enumerate(rows):

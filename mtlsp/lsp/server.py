@@ -14,6 +14,7 @@ log messages) are handed to the event loop, which alone writes to the client.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -238,8 +239,14 @@ class MtlspServer(LanguageServer):
             stale.set()
         self.inflight[key] = cancel
         loop = asyncio.get_running_loop()
+        gate = self.engine.gate if self.engine is not None else None
+
+        def first(cancel: threading.Event) -> Any:  # memory writes pause meanwhile (gate.py)
+            with gate.completion() if gate is not None else contextlib.nullcontext():
+                return work(cancel)
+
         try:
-            return await loop.run_in_executor(self.model_pool, work, cancel)
+            return await loop.run_in_executor(self.model_pool, first, cancel)
         except asyncio.CancelledError:
             cancel.set()
             raise
