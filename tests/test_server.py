@@ -301,6 +301,27 @@ async def test_unsaved_new_function_reaches_the_memory_within_a_second(client, w
         await asyncio.sleep(0.05)
 
 
+async def test_a_place_completed_before_a_function_was_written_offers_it_afterwards(client, workspace):
+    """The caller's text does not change, so its prompt state and popup list are kept; the new
+    function must still come in (the memory's version and the candidate names changed)."""
+    await initialize(client, [workspace], options={"debounceMs": 50})
+    before = (await wait_ready(client))["folders"][0]["entries"]
+    text = REPORT.replace("pricing.line_total(2, 3)", "pricing.zq")
+    other = open_doc(client, workspace / "app" / "report.py", text)
+    pos = position_after(text, "pricing.zq")
+    first = [i.label for i in (await popup(client, other, pos)).items]
+    assert first and "zqx_merge_rows" not in first  # the model's own words: no name starts so
+    uri = open_doc(client, workspace / "app" / "pricing.py")
+    new = PRICING + "\n\ndef zqx_merge_rows(rows: list[int]) -> int:\n    return max(rows)\n"
+    client.text_document_did_change(t.DidChangeTextDocumentParams(
+        t.VersionedTextDocumentIdentifier(version=2, uri=uri), [t.TextDocumentContentChangeWholeDocument(new)]))
+    t0 = time.monotonic()
+    while (await status(client))["folders"][0]["entries"] <= before:
+        assert time.monotonic() - t0 < 10, "the edit never reached the memory"
+        await asyncio.sleep(0.02)
+    assert [i.label for i in (await popup(client, other, pos)).items] == ["zqx_merge_rows"]
+
+
 async def test_a_name_typed_a_moment_ago_is_a_candidate_before_the_memory_has_it(client, workspace):
     """Within the debounce the memory still holds the file on disk, but the popup already offers
     the function typed into the other buffer: open buffers are read for the names they define."""
