@@ -597,5 +597,6 @@ def test_jedi_is_asked_once_per_place_whatever_is_typed_there(tmp_path):
     assert "area_of_circle" in names
     typed_on = text[:cursor] + "e" + text[cursor:]
     assert jedi.names_at("main.py", typed_on, cursor + 1) is names  # the same place: kept
+    assert jedi.names_at("main.py", typed_on, cursor + 1, keep_s=0.0) is not names  # for a while
     elsewhere = text.replace("print(1)", "shapes.")
     assert "area_of_circle" in jedi.names_at("main.py", elsewhere, len(elsewhere) - 1)
