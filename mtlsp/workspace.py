@@ -28,8 +28,8 @@ from .complete.completer import Completer, Recall
 from .complete.decode import Decoder
 from .complete.retrieval import StoreMemory
 from .complete.static import Jedi
-from .index.chunks import defined_names
 from .gate import ModelGate
+from .index.chunks import defined_names
 from .index.encode import Encoder
 from .index.indexer import Indexer, Progress, Report
 from .index.scan import ScanOptions, read_text
