@@ -106,6 +106,20 @@ async def wait_ready(client: LanguageClient, n_folders: int = 1, timeout: float 
     raise AssertionError(f"folders not indexed in {timeout}s: {st}")
 
 
+def replace_text(client: LanguageClient, uri: str, text: str, version: int = 2) -> None:
+    """The editor sends a buffer's whole new text (unsaved)."""
+    client.text_document_did_change(t.DidChangeTextDocumentParams(
+        t.VersionedTextDocumentIdentifier(version=version, uri=uri), [t.TextDocumentContentChangeWholeDocument(text)]))
+
+
+async def memory_grows(client: LanguageClient, beyond: int, timeout: float = 10) -> None:
+    """Wait until the memory holds more than ``beyond`` entries: an edit has reached it."""
+    t0 = time.monotonic()
+    while (await status(client))["folders"][0]["entries"] <= beyond:
+        assert time.monotonic() - t0 < timeout, "the edit never reached the memory"
+        await asyncio.sleep(0.02)
+
+
 def open_doc(client: LanguageClient, path: Path, text: str | None = None, language: str = "python") -> str:
     uri = path.as_uri()
     client.text_document_did_open(t.DidOpenTextDocumentParams(
@@ -281,12 +295,8 @@ async def test_unsaved_new_function_reaches_the_memory_within_a_second(client, w
     path = workspace / "app" / "pricing.py"
     uri = open_doc(client, path)
     new = PRICING + "\n\ndef qzx_fold_ledger(rows: list[int]) -> int:\n    return sum(rows) * 3\n"
-    client.text_document_did_change(t.DidChangeTextDocumentParams(
-        t.VersionedTextDocumentIdentifier(version=2, uri=uri), [t.TextDocumentContentChangeWholeDocument(new)]))
-    t0 = time.monotonic()
-    while (await status(client))["folders"][0]["entries"] <= before:
-        assert time.monotonic() - t0 < 10, "the edit never reached the memory"
-        await asyncio.sleep(0.02)
+    replace_text(client, uri, new)
+    await memory_grows(client, before)
     assert path.read_text() == PRICING  # nothing was saved
     # the other file's completion reads a memory that now holds the new function
     text = REPORT.replace("pricing.line_total(2, 3)", "pricing.qzx")
@@ -313,12 +323,8 @@ async def test_a_place_completed_before_a_function_was_written_offers_it_afterwa
     assert first and "zqx_merge_rows" not in first  # the model's own words: no name starts so
     uri = open_doc(client, workspace / "app" / "pricing.py")
     new = PRICING + "\n\ndef zqx_merge_rows(rows: list[int]) -> int:\n    return max(rows)\n"
-    client.text_document_did_change(t.DidChangeTextDocumentParams(
-        t.VersionedTextDocumentIdentifier(version=2, uri=uri), [t.TextDocumentContentChangeWholeDocument(new)]))
-    t0 = time.monotonic()
-    while (await status(client))["folders"][0]["entries"] <= before:
-        assert time.monotonic() - t0 < 10, "the edit never reached the memory"
-        await asyncio.sleep(0.02)
+    replace_text(client, uri, new)
+    await memory_grows(client, before)
     assert [i.label for i in (await popup(client, other, pos)).items] == ["zqx_merge_rows"]
 
 
@@ -329,8 +335,7 @@ async def test_a_name_typed_a_moment_ago_is_a_candidate_before_the_memory_has_it
     before = (await wait_ready(client))["folders"][0]["entries"]
     uri = open_doc(client, workspace / "app" / "pricing.py")
     new = PRICING + "\n\ndef vqk_tally_rows(rows: list[int]) -> int:\n    return len(rows)\n"
-    client.text_document_did_change(t.DidChangeTextDocumentParams(
-        t.VersionedTextDocumentIdentifier(version=2, uri=uri), [t.TextDocumentContentChangeWholeDocument(new)]))
+    replace_text(client, uri, new)
     text = REPORT.replace("pricing.line_total(2, 3)", "pricing.vq")
     other = open_doc(client, workspace / "app" / "report.py", text)
     items = (await popup(client, other, position_after(text, "pricing.vq"))).items
@@ -627,10 +632,7 @@ async def test_shipped_weights_new_function_typed_in_one_buffer_is_read_in_anoth
         end = t.Position(old.count("\n"), 0)
         client.text_document_did_change(t.DidChangeTextDocumentParams(
             t.VersionedTextDocumentIdentifier(version=2, uri=uri), [t.TextDocumentContentChangePartial(t.Range(end, end), NEW_FUNCTION)]))
-        t0 = time.monotonic()
-        while (await status(client))["folders"][0]["entries"] <= before:
-            assert time.monotonic() - t0 < 10
-            await asyncio.sleep(0.02)
+        await memory_grows(client, before)
         caller = root / "app" / "report.py"
         source = caller.read_text()
         at = source.index("total = pricing.") + len("total = pricing.")
@@ -638,9 +640,7 @@ async def test_shipped_weights_new_function_typed_in_one_buffer_is_read_in_anoth
         report = open_doc(client, caller, source)
         for typed in ("", "s", "su"):
             text = source[:at] + typed + source[source.index("\n", at):]
-            client.text_document_did_change(t.DidChangeTextDocumentParams(
-                    t.VersionedTextDocumentIdentifier(version=len(typed) + 1, uri=report),
-                    [t.TextDocumentContentChangeWholeDocument(text)]))
+            replace_text(client, report, text, version=len(typed) + 1)
             pos = position_after(text, "total = pricing." + typed)
             items = (await popup(client, report, pos)).items
             assert items and all(i.label.startswith(typed) for i in items)
@@ -666,11 +666,7 @@ async def test_paths_with_spaces_and_non_ascii(client, tmp_path):
     uri = open_doc(client, path)  # a percent-encoded URI
     assert "%20" in uri
     new = PRICING + "\n\ndef qzx(rows):\n    return rows.app\n"
-    client.text_document_did_change(t.DidChangeTextDocumentParams(
-        t.VersionedTextDocumentIdentifier(version=2, uri=uri), [t.TextDocumentContentChangeWholeDocument(new)]))
-    t0 = time.monotonic()
-    while (await status(client))["folders"][0]["entries"] <= before:  # the buffer was found and fed
-        assert time.monotonic() - t0 < 10
-        await asyncio.sleep(0.02)
+    replace_text(client, uri, new)
+    await memory_grows(client, before)  # the buffer was found and fed
     items = (await popup(client, uri, position_after(new, "rows.app"))).items
     assert items and all(i.label.startswith("app") for i in items)

@@ -18,7 +18,6 @@ layer run.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -76,9 +75,10 @@ class Encoder:
 
     def __init__(self, model: MemorizingTransformer, tok: Tokenizer, *, batch_tokens: int = 4096,
                  piece_tokens: int = 1024, context_tokens: int = 4096, gate: ModelGate | None = None) -> None:
-        """``gate``: shared with the completions of a server, which go first (``gate.py``)."""
+        """``gate``: the model's, shared with a server's completions, which go first (``gate.py``);
+        by default one of its own (nothing else runs this model)."""
         self.model = model
-        self.gate = gate
+        self.gate = gate or ModelGate()
         self.tok = tok
         self.batch_tokens = batch_tokens
         self.piece_tokens = piece_tokens
@@ -128,7 +128,7 @@ class Encoder:
         group: dict[tuple[int, ...], int] = {}  # context -> its row in the group's prefix
         members: list[tuple[int, int]] = []  # (job, its context's row)
         held = 0  # context tokens in the group
-        with self.gate.write() if self.gate is not None else contextlib.nullcontext() as pause:
+        with self.gate.write() as pause:
             for j, job in enumerate(jobs):
                 key = tuple(job.context)
                 if key not in group and group and held + len(key) > self.context_tokens:
@@ -150,7 +150,7 @@ class Encoder:
         return out
 
     def _encode_group(self, jobs: list[Job], members: list[tuple[int, int]], contexts: list[tuple[int, ...]],
-                      parts: dict, pause: Callable[[], None] | None) -> None:
+                      parts: dict, pause: Callable[[], None]) -> None:
         prefix = self.model.read_prefix([list(c) for c in contexts], pad=self.tok.eot, pause=pause)
         rows = [(j, a, b, row) for j, row in members for a, b in self._pieces(len(jobs[j].ids), jobs[j].ids)]
         rows.sort(key=lambda r: r[2] - r[1])
@@ -165,7 +165,7 @@ class Encoder:
             i = k
 
     def _encode_batch(self, jobs: list[Job], rows: list[tuple[int, int, int]], prefix: Prefix, which: torch.Tensor,
-                      parts: dict, pause: Callable[[], None] | None) -> None:
+                      parts: dict, pause: Callable[[], None]) -> None:
         width = max(b - a for _, a, b in rows)
         x = torch.full((len(rows), width), self.tok.eot, dtype=torch.long)
         for r, (j, a, b) in enumerate(rows):
