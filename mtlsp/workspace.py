@@ -77,7 +77,9 @@ class Engine:
         dev = resolve_device(device)
         loaded = load_weights(weights, base=base, echo=log.warning)
         for_inference(loaded.model, dev)
-        return cls(loaded, dev, weights)
+        engine = cls(loaded, dev, weights)
+        engine.encoder.warm_up()
+        return engine
 
     def open_memory(self, root: Path, *, cap_tokens: int, cache_root: str | Path | None = None,
                     scan: ScanOptions | None = None, ann_background: bool = True) -> tuple[MemoryStore, Indexer]:
