@@ -47,10 +47,14 @@ class ModelGate:
                 self._cond.notify_all()
 
     @contextmanager
-    def write(self) -> Iterator[Callable[[], None]]:
+    def write(self, grace: float | None = None, patience: float | None = None) -> Iterator[Callable[[], None]]:
         """Hold the model for a memory write, one write at a time; yields ``pause``, which the
-        write calls between two pieces of work to let waiting completions go first."""
-        self._claim()
+        write calls between two pieces of work to let waiting completions go first.
+        ``grace``/``patience``: other than the gate's, for work that cannot pause (a garbage
+        collection, ``process.py``) and so should wait for a longer lull."""
+        grace = self.grace if grace is None else grace
+        patience = self.patience if patience is None else patience
+        self._claim(grace, patience)
         try:
             yield self._pause
         finally:
@@ -58,7 +62,7 @@ class ModelGate:
                 self._writing = False
                 self._cond.notify_all()
 
-    def _claim(self) -> None:
+    def _claim(self, grace: float, patience: float) -> None:
         with self._cond:
             start = time.monotonic()
             while True:
@@ -66,12 +70,12 @@ class ModelGate:
                     self._cond.wait()
                     continue
                 now = time.monotonic()
-                if now - start >= self.patience:
+                if now - start >= patience:
                     break
                 quiet = now - self._quiet_since
-                if quiet >= self.grace:
+                if quiet >= grace:
                     break
-                self._cond.wait(min(self.grace - quiet, self.patience - (now - start)))
+                self._cond.wait(min(grace - quiet, patience - (now - start)))
             self._writing = True
 
     def _pause(self) -> None:
@@ -80,4 +84,4 @@ class ModelGate:
                 return
             self._writing = False
             self._cond.notify_all()
-        self._claim()
+        self._claim(self.grace, self.patience)

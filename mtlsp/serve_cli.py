@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from .lsp.server import build_server
-from .process import bound_heap_retention
+from .process import IdleCollector, bound_heap_retention
 
 
 def main(argv: list[str]) -> None:
@@ -29,6 +29,7 @@ def main(argv: list[str]) -> None:
     logging.getLogger("pygls").setLevel(max(logging.WARNING, logging.getLevelName(a.log_level)))
     bound_heap_retention()
     server = build_server(a.weights, a.device, a.cache_dir, a.base)
+    IdleCollector(lambda: server.engine.gate if server.engine is not None else None)
     if a.tcp:
         host, _, port = a.tcp.rpartition(":")
         if not host or not port.isdigit():

@@ -12,7 +12,7 @@ from conftest import random_model, tiny_config
 from mtlsp_model.memory import TensorMemory
 
 from mtlsp.complete import prompt
-from mtlsp.complete.decode import Decoder, Evidence, common_prefix
+from mtlsp.complete.decode import Decoder, Evidence, common_prefix, guess
 from mtlsp.complete.stops import Stopper, finish, scope
 
 REPO = Path(__file__).resolve().parent.parent
@@ -499,6 +499,67 @@ def test_step_batch_matches_single_steps(decoder, model, tok):
     mixed = decoder.step([a, c], [50, 9], mem)
     assert close(mixed[0].logits, singles[0].logits)
     assert close(mixed[1].logits, decoder.step([c], [9], mem)[0].logits)
+
+
+def test_a_trie_read_in_one_pass_equals_its_branches_read_one_token_at_a_time(decoder, model, tok):
+    """Every node of ``Decoder.tree`` sees the context and its own ancestors only, at its depth's
+    position: its scores, evidence and gathered keys/values equal stepping along its branch."""
+    mem = a_memory(model, tok)
+    ctx = decoder.prefill(rand_ids(tok, 12), mem)
+    #        0    1    2    3    4    5: node 2 and 4 are siblings under 1; 5 under the context
+    tokens = [50, 77, 91, 12, 63, 77]
+    parents = [-1, 0, 1, 2, 1, -1]
+    tree = decoder.tree(ctx, tokens, parents, mem)
+    assert tree.logits.shape == (len(tokens), tok.vocab_size)
+    for node in range(len(tokens)):
+        path = tree.path(node)
+        assert path[-1] == node and all(tree.parents[b] == a for a, b in zip(path, path[1:]))
+        stepped = ctx
+        for j in path:
+            stepped = decoder.step([stepped], [tokens[j]], mem)[0]
+        got = tree.context(node)
+        assert got.ids == stepped.ids == ctx.ids + [tokens[j] for j in path]
+        assert close(got.logits, stepped.logits) and close(tree.logits[node], stepped.logits)
+        assert torch.equal(got.evidence.sources, stepped.evidence.sources)
+        assert torch.allclose(got.evidence.weights, stepped.evidence.weights, atol=1e-5)
+        for x, y in zip(got.kv, stepped.kv, strict=True):
+            assert x.keys.shape == y.keys.shape and torch.allclose(x.keys, y.keys, atol=1e-5)
+        # a context gathered from the trie decodes on like any other
+        nxt = decoder.step([got], [5], mem)[0]
+        assert close(nxt.logits, decoder.step([stepped], [5], mem)[0].logits)
+    assert ctx.ids == decoder.prefill(rand_ids(tok, 12), mem).ids  # the context itself is untouched
+    with pytest.raises(ValueError, match="before"):
+        decoder.tree(ctx, [1, 2], [1, -1], mem)
+
+
+def test_tokens_read_together_equal_tokens_read_one_at_a_time(decoder, model, tok):
+    mem = a_memory(model, tok)
+    ctx = decoder.prefill(rand_ids(tok, 12), mem)
+    tokens = [50, 77, 91, 12]
+    together = decoder.extend(ctx, tokens, mem)
+    stepped = ctx
+    for t, got in zip(tokens, together, strict=True):
+        stepped = decoder.step([stepped], [t], mem)[0]
+        assert got.ids == stepped.ids and close(got.logits, stepped.logits)
+        assert torch.equal(got.evidence.sources, stepped.evidence.sources)
+        assert all(x.keys.shape == y.keys.shape for x, y in zip(got.kv, stepped.kv, strict=True))
+    # decoding goes on from any of them (here the second: a guess wrong after one token)
+    on = decoder.step([together[1]], [5], mem)[0]
+    assert on.ids == ctx.ids + tokens[:2] + [5]
+    assert close(on.logits, decoder.step([decoder.step([decoder.step([ctx], [50], mem)[0]], [77], mem)[0]], [5], mem)[0].logits)
+    with pytest.raises(ValueError, match="window"):
+        decoder.extend(ctx, [1] * (decoder.window - len(ctx.ids) + 1), mem)
+
+
+def test_a_guess_is_what_followed_the_longest_recent_repeat_of_the_last_tokens():
+    #        0  1  2  3  4  5  6  7  8  9
+    ids = [7, 1, 2, 3, 9, 1, 2, 4, 5, 1, 2]
+    assert guess(ids, 2) == [4, 5]  # "1 2" last occurred at 5-6, followed by 4 5
+    assert guess(ids + [3], 3) == [9, 1, 2]  # the 3-gram "1 2 3" occurred at 1-3 (longest first)
+    assert guess([1, 2, 3], 2) == []  # nothing repeats
+    assert guess([4, 4, 4], 3) == [4]  # a repeat right before the end
+    assert guess([3, 8, 6, 3], 2) == []  # one repeated token is not enough
+    assert guess([5], 2) == []
 
 
 def test_window_limits(decoder, tok):

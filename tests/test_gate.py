@@ -3,13 +3,16 @@ pieces of its work (real threads; the pieces here are short sleeps)."""
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
+import weakref
 
 import torch
 from conftest import random_model, tiny_config
 
 from mtlsp.gate import ModelGate
+from mtlsp.process import IdleCollector
 
 
 def test_a_write_pauses_for_a_completion_and_resumes_after_it():
@@ -115,3 +118,32 @@ def test_encoding_offers_to_pause_before_every_block(tok):
     paused = model.encode(ids, pause=lambda: calls.append(1))
     assert len(calls) == model.cfg.encode_layers
     assert torch.equal(plain.keys, paused.keys) and torch.equal(plain.values, paused.values)
+
+
+class _Cycle:
+    def __init__(self) -> None:
+        self.me = self  # only a full collection frees it once it is old
+
+
+def test_full_garbage_collections_wait_until_completions_are_quiet():
+    gate = ModelGate()
+    old = _Cycle()
+    gc.collect(1)  # it survives two young collections: it is in the oldest generation now
+    alive = weakref.ref(old)
+    del old
+    collector = IdleCollector(lambda: gate, quiet=0.3, patience=30.0, check_s=0.02)
+    try:
+        with gate.completion():
+            for _ in range(gc.get_threshold()[1] + 10):
+                gc.collect(1)  # as many young collections as make a full one due
+            assert gc.get_threshold()[2] > 1_000_000  # the interpreter would not start it itself
+            time.sleep(0.3)
+            assert alive() is not None and collector.collections == 0  # not during a completion
+            ended = time.monotonic()
+        while collector.collections == 0 and time.monotonic() - ended < 5:
+            time.sleep(0.01)
+        assert alive() is None and collector.collections == 1
+        assert time.monotonic() - ended >= 0.3  # after completions were quiet for ``quiet``
+    finally:
+        collector.stop()
+    assert gc.get_threshold()[2] < 1_000_000

@@ -222,6 +222,26 @@ def test_copy_puts_mass_on_the_tokens_the_memory_heads_read(model, tok):
     torch.testing.assert_close(out.logits[0, -1].exp().sum(), torch.tensor(1.0), atol=1e-4, rtol=0)
 
 
+def test_the_copy_mix_equals_mixing_the_whole_distribution(model, tok):
+    """mix_copy computes only the cells the memory read; the result is the dense formula."""
+    mem = memory_of(model, tok, [SRC])
+    ids = ids_of(tok, "x = total(lines) + ")
+    with torch.no_grad():
+        model.memory.copy_gate.fill_(1.0)
+        plain = model(ids, memory=mem, copy=False)
+        mixed = model.mix_copy(plain.logits, plain.reads, last_only=False)
+    weights = torch.stack([r.weights[0] for r in plain.reads])  # (M, T, k)
+    tokens = torch.stack([r.tokens[0] for r in plain.reads]).clamp(min=0)
+    V = plain.logits.shape[-1]
+    for t in range(ids.shape[1]):
+        mass = torch.zeros(V).index_add(0, tokens[:, t].flatten(), weights[:, t].flatten())
+        g = torch.sigmoid(torch.tensor(1.0)) * weights[:, t].sum(-1).mean()
+        want = torch.log((1 - g) * plain.logits[0, t].exp() + g * mass / mass.sum())
+        ok = want > -60  # below that the dense formula's exp underflows
+        torch.testing.assert_close(mixed[0, t][ok], want[ok], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(mixed[0].exp().sum(-1), torch.ones(ids.shape[1]), atol=1e-4, rtol=0)
+
+
 def test_context_limit_is_enforced(model, tok):
     with pytest.raises(ValueError, match="exceeds"):
         model(torch.zeros(1, model.cfg.max_context + 1, dtype=torch.long))

@@ -90,24 +90,25 @@ def direct_score(model, tok, ranker, prompt_ids, head, name, memory) -> float:
     return total + ranker.boundary(logp[-1])
 
 
-def test_ranking_scores_are_the_model_s_own_log_probabilities(setup, tok):
+@pytest.mark.parametrize("tree_nodes", [96, 0], ids=["trie read whole", "beam"])
+def test_ranking_scores_are_the_model_s_own_log_probabilities(setup, tok, tree_nodes):
     model, decoder, memory = setup
     p = prompt.build(tok, "app/report.py", SRC, len(SRC), prefix_tokens=200)
     head = p.required[: len(p.required) - len(p.typed)]
     names = ["summarize_ledger", "subtotal", "sum", "summary", "super"]
     ctx = decoder.prefill(p.ids, memory)
-    ranker = Ranker(decoder)
+    ranker = Ranker(decoder, tree_nodes=tree_nodes)
     ranked = ranker.rank(ctx, head, names, memory, width=16, top=10)
     assert sorted(r.name for r in ranked) == sorted(names)
     assert [r.logprob for r in ranked] == sorted((r.logprob for r in ranked), reverse=True)
     for r in ranked:
         want = direct_score(model, tok, ranker, p.ids, head, r.name, memory)
         assert r.logprob == pytest.approx(want, abs=1e-3), r.name
-        assert tok.decode(r.ctx.ids[len(p.ids):]).encode() == head + r.name.encode()
-        assert r.evidence and all(e is not None for e in r.evidence)  # memory reads along the name
+        assert tok.decode(r.read().ids[len(p.ids):]).encode() == head + r.name.encode()
+        assert r.trail() and all(e is not None for e in r.trail())  # memory reads along the name
 
 
-def test_narrow_beam_keeps_the_best(setup, tok):
+def test_a_narrow_beam_finds_at_best_what_reading_the_whole_trie_finds(setup, tok):
     _, decoder, memory = setup
     p = prompt.build(tok, "app/report.py", SRC, len(SRC), prefix_tokens=200)
     head = p.required[: len(p.required) - len(p.typed)]
@@ -115,7 +116,7 @@ def test_narrow_beam_keeps_the_best(setup, tok):
     ctx = decoder.prefill(p.ids, memory)
     ranker = Ranker(decoder)
     wide = ranker.rank(ctx, head, names, memory, width=32, top=1)
-    narrow = ranker.rank(ctx, head, names, memory, width=2, top=1)
+    narrow = Ranker(decoder, tree_nodes=0).rank(ctx, head, names, memory, width=2, top=1)
     assert narrow[0].logprob <= wide[0].logprob + 1e-6
     assert ranker.rank(ctx, head, [], memory) == []
 

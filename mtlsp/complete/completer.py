@@ -18,12 +18,13 @@ import threading
 import time
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
 from . import candidates, prompt, stops
-from .decode import Context, Decoder, Evidence, check, common_prefix
+from .decode import Context, Decoder, Evidence, check, common_prefix, guess
 from .rank import Ranker
 from .retrieval import StoreMemory
 
@@ -116,8 +117,9 @@ def support(evidence: Sequence[Evidence | None], recall: Recall, top: int = 5) -
 
 
 class Completer:
-    def __init__(self, decoder: Decoder, *, prefix_tokens: int = 384, max_docs: int = 8) -> None:
-        """``max_docs``: documents whose model state is kept.  A prompt's keys and values take
+    def __init__(self, decoder: Decoder, *, prefix_tokens: int = 384, max_docs: int = 8, guess_tokens: int = 3) -> None:
+        """``guess_tokens``: tokens guessed ahead while writing ghost text (``_advance``; 0: none).
+        ``max_docs``: documents whose model state is kept.  A prompt's keys and values take
         about 18 MB (384 tokens, 30 layers, float32), two per document; an editor with many
         files open would otherwise hold them all, while only the ones being typed in pay off."""
         self.decoder = decoder
@@ -125,8 +127,10 @@ class Completer:
         self.ranker = Ranker(decoder)
         self.prefix_tokens = prefix_tokens
         self.max_docs = max_docs
+        self.guess_tokens = guess_tokens
         self._docs: OrderedDict[str, _Doc] = OrderedDict()  # least recently used first
         self._lock = threading.Lock()
+        self._aside = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtlsp-names")  # see ``_read``
 
     def forget(self, uri: str) -> None:
         with self._lock:
@@ -169,25 +173,28 @@ class Completer:
         scope = stops.scope(path, text, cursor)
         budget = min(self.prefix_tokens, self.decoder.window - len(preamble) - max_tokens - 8)
         p = prompt.build(self.tok, path, text, cursor, prefix_tokens=budget, preamble=preamble)
-        ctx = self._prefill(doc, "inline", p.ids, memory, cancel)
+        line_before = before[before.rfind("\n") + 1 :]
+        spell = names and candidates.identifier_position(line_before, p.typed)
+        sources = recall.sources if recall else None
+        ctx, pool = self._read(doc, "inline", p.ids, memory, cancel,
+                               (lambda: candidates.pool(path, text, cursor, p.typed, sources)) if spell else None)
         evidence = [ctx.evidence]
         stopper = stops.Stopper(scope)
         out = b""
         written = ""
         n = 0
-        line_before = before[before.rfind("\n") + 1 :]
         seeded = False
-        if names and candidates.identifier_position(line_before, p.typed):
+        ahead: list[Context] = []  # contexts after guessed tokens (``_advance``)
+        if spell:
             # the identifier at the cursor is spelled from a name that exists, if one is likely
-            pool = candidates.pool(path, text, cursor, p.typed, recall.sources if recall else None)
             head = p.required[: len(p.required) - len(p.typed.encode("utf-8"))]
             floor = None if pool.closed else _NAME_FLOOR
             best = self.ranker.rank(ctx, head, pool, memory, width=4, top=1, floor=floor, cancel=cancel) if pool else []
             # after ``module.`` (a closed pool) a name typed a moment ago is new to the model's
             # weights, so the best one is taken however unlikely the model finds it
             if best and (pool.closed or best[0].logprob > _NAME_FLOOR):
-                ctx, out, seeded = best[0].ctx, head + best[0].name.encode("utf-8"), True
-                evidence += best[0].evidence
+                ctx, out, seeded = best[0].read(), head + best[0].name.encode("utf-8"), True
+                evidence += best[0].trail()
                 written = out[len(p.required):].decode("utf-8", "ignore")
         for n in range(1, max_tokens + 1):
             check(cancel)
@@ -208,12 +215,25 @@ class Completer:
                 if cut is not None:
                     written = written[:cut]
                     break
-            ctx = self.decoder.step([ctx], [t], memory)[0]
+            ctx = self._advance(ctx, t, ahead, memory)
             evidence.append(ctx.evidence)
         result = stops.finish(written, scope)
         ranked_support = support(evidence, recall) if recall else []
         doc.shown = _Shown(before, after, result, ranked_support) if result else None
         return Inline(result, ranked_support, n, _ms(t0))
+
+    def _advance(self, ctx: Context, t: int, ahead: list[Context], memory: StoreMemory | None) -> Context:
+        """``ctx`` followed by the chosen token ``t``.  Where the previous call guessed ``t``, its
+        context is already read; otherwise ``t`` is read together with a guess of the next
+        tokens (``decode.guess``), whose contexts go to ``ahead``.  Greedy decoding stays exactly
+        what it is, in fewer passes where the code repeats itself."""
+        if ahead and ahead[0].ids[-1] == t:
+            return ahead.pop(0)
+        ahead.clear()
+        room = self.decoder.window - len(ctx.ids) - 1
+        got = self.decoder.extend(ctx, [t] + guess(ctx.ids + [t], min(self.guess_tokens, room)), memory)
+        ahead.extend(got[1:])
+        return got[0]
 
     # ------------------------------------------------------------------ popup
 
@@ -238,19 +258,23 @@ class Completer:
         memory = recall.memory if recall else None
         budget = min(self.prefix_tokens, self.decoder.window - len(preamble) - max_steps - 8)
         p = prompt.build(self.tok, path, text, cursor, prefix_tokens=budget, preamble=preamble)
-        pool = candidates.pool(path, text, cursor, p.typed, recall.sources if recall else None) if names else []
+        sources = recall.sources if recall else None
+        find = (lambda: candidates.pool(path, text, cursor, p.typed, sources)) if names else None
         last = doc.listed
-        if (last is not None and last.ids == p.ids and p.typed.startswith(last.typed)
-                and last.pool.issuperset(pool)):
-            # typing on into a word already listed: the items it still matches, without the model
-            still = [c for c in last.items if c.word.startswith(p.typed) and c.word != p.typed]
-            if still:
-                return p.typed, still
-        ctx = self._prefill(doc, "popup", p.ids, memory, cancel)
+        if last is not None and last.ids == p.ids and p.typed.startswith(last.typed):
+            pool = find() if find else candidates.Names()
+            if last.pool.issuperset(pool):
+                # typing on into a word already listed: the items it still matches, without the model
+                still = [c for c in last.items if c.word.startswith(p.typed) and c.word != p.typed]
+                if still:
+                    return p.typed, still
+            ctx = self._prefill(doc, "popup", p.ids, memory, cancel)
+        else:
+            ctx, pool = self._read(doc, "popup", p.ids, memory, cancel, find)
         if pool:  # the model ranks names that exist
             head = p.required[: len(p.required) - len(p.typed.encode("utf-8"))]
             ranked = self.ranker.rank(ctx, head, pool, memory, width=width, top=items, margin=_PLAUSIBLE, cancel=cancel)
-            found = {r.name: (r.logprob, tuple(r.evidence)) for r in ranked}
+            found = {r.name: (r.logprob, tuple(r.trail())) for r in ranked}
         else:  # nothing known to rank: the model's own beam
             found = self._beam(ctx, p, memory, width=width, max_steps=max_steps, items=items, cancel=cancel)
         best = sorted(found.items(), key=lambda kv: -kv[1][0])[:items]
@@ -300,6 +324,19 @@ class Completer:
         return done
 
     # ------------------------------------------------------------------ shared
+
+    def _read(self, doc: _Doc, kind: str, ids: list[int], memory: StoreMemory | None, cancel,
+              names: Callable[[], candidates.Names] | None) -> tuple[Context, candidates.Names]:
+        """The prompt's model state, and the candidate names (``names()``) found meanwhile on
+        another thread: jedi is pure Python and takes up to a second at a new place, while the
+        model's products run without the interpreter lock.  The names are always waited for,
+        even when reading the prompt is cancelled, so jedi never runs on two threads."""
+        pending = self._aside.submit(names) if names is not None else None
+        try:
+            ctx = self._prefill(doc, kind, ids, memory, cancel)
+        finally:
+            pool = pending.result() if pending is not None else candidates.Names()
+        return ctx, pool
 
     def _prefill(self, doc: _Doc, kind: str, ids: list[int], memory: StoreMemory | None, cancel) -> Context:
         """The prompt's model state, reusing whichever of the document's two (ghost text's and

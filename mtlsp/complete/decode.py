@@ -87,6 +87,54 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return i
 
 
+def guess(ids: list[int], k: int, longest: int = 3) -> list[int]:
+    """The ``k`` tokens that followed the latest earlier occurrence of ``ids``' last few tokens
+    (the longest n-gram, of 2 up to ``longest`` tokens, that occurred before), or none.  Code
+    repeats itself (arguments, keys, a call's shape), so what followed last time is a good guess
+    of what the model writes next ("prompt lookup decoding"); ``Decoder.extend`` checks it.
+    A single repeated token guesses too badly to pay for the larger pass (measured on flask:
+    the same time saved with 20% fewer tokens read)."""
+    for size in range(min(longest, len(ids) - 1), 1, -1):
+        tail = ids[-size:]
+        for start in range(len(ids) - size - 1, -1, -1):
+            if ids[start : start + size] == tail:
+                return ids[start + size : start + size + k]
+    return []
+
+
+class Tree:
+    """Token sequences sharing a context, read as one trie in one call (``Decoder.tree``): node
+    ``i`` is token ``tokens[i]`` read after the context and the nodes up to ``parents[i]``
+    (-1: the context itself)."""
+
+    def __init__(self, ctx: Context, tokens: list[int], parents: list[int], logits: Tensor,
+                 kv: list[KV], reads: list[Read]) -> None:
+        self.ctx, self.tokens, self.parents = ctx, tokens, parents
+        self.logits = logits  # (N, V): log-probabilities of the token after each node
+        self._kv, self._reads = kv, reads
+
+    def path(self, node: int) -> list[int]:
+        """The nodes from the context's child down to ``node``."""
+        out = []
+        while node >= 0:
+            out.append(node)
+            node = self.parents[node]
+        return out[::-1]
+
+    def evidence(self, node: int) -> Evidence | None:
+        return Evidence.of(self._reads, 0, node)
+
+    def context(self, node: int) -> Context:
+        """The context followed by the tokens down to ``node``, as if read one at a time: the
+        keys and values of the path's nodes, gathered after the context's."""
+        path = self.path(node)
+        n = len(self.ctx.ids)
+        at = torch.cat((torch.arange(n), n + torch.tensor(path))).to(self._kv[0].keys.device)
+        kv = [KV(layer.keys.index_select(2, at), layer.values.index_select(2, at)) for layer in self._kv]
+        return Context(self.ctx.ids + [self.tokens[j] for j in path], kv, self.logits[node],
+                       self.evidence(node), self.ctx.memory, self.ctx.clean)
+
+
 class Decoder:
     """One model, read incrementally.  Not thread-safe: the server runs it on one worker."""
 
@@ -152,6 +200,41 @@ class Decoder:
                     out.logits[b, -1], Evidence.of(out.reads, b), c.memory, c.clean)
             for b, (c, t) in enumerate(zip(ctxs, tokens, strict=True))
         ]
+
+    def extend(self, ctx: Context, tokens: list[int], memory: Memory | None) -> list[Context]:
+        """``ctx`` followed by ``tokens[:1]``, ``tokens[:2]``, ...: all read in one forward pass.
+        Decoding checks a guess of the next few tokens this way (``guess``): on the CPU a pass
+        over 4 tokens costs little more than one step (38 against 29 ms, flask memory), so every
+        right guess saves a step."""
+        n, T = len(ctx.ids), len(tokens)
+        if n + T > self.window:
+            raise ValueError("the completion ran past the context window")
+        x = torch.tensor([tokens], device=self.device)
+        with torch.inference_mode():
+            out = self.model(x, past=ctx.kv, memory=memory)
+        return [Context(ctx.ids + tokens[: i + 1], [KV(kv.keys[:, :, : n + i + 1], kv.values[:, :, : n + i + 1], kv.buffer)
+                                                     for kv in out.kv],
+                        out.logits[0, i], Evidence.of(out.reads, 0, i), ctx.memory, ctx.clean)
+                for i in range(T)]
+
+    def tree(self, ctx: Context, tokens: list[int], parents: list[int], memory: Memory | None) -> Tree:
+        """Read a trie of continuations of ``ctx`` in one forward pass: every node after the
+        context and its own ancestors, at the position its depth gives it.  Each node's parent
+        comes before it (``parents[i] < i``; -1 for the context's children)."""
+        N = len(tokens)
+        reads = torch.zeros(N, N, dtype=torch.bool)
+        for i, p in enumerate(parents):
+            if not -1 <= p < i:
+                raise ValueError(f"node {i}'s parent {p} does not come before it")
+            if p >= 0:
+                reads[i] = reads[p]
+            reads[i, i] = True
+        if len(ctx.ids) + int(reads.sum(-1).max()) > self.window:
+            raise ValueError("the trie runs past the context window")
+        x = torch.tensor([tokens], device=self.device)
+        with torch.inference_mode():
+            out = self.model(x, past=ctx.kv, memory=memory, tree=reads.to(self.device))
+        return Tree(ctx, list(tokens), list(parents), out.logits[0], out.kv, out.reads)
 
     def _forward(self, rows: list[list[int]], past: list[KV] | None, memory: Memory | None, memory_from: int = 0):
         x = torch.tensor(rows, device=self.device)

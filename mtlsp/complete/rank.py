@@ -1,17 +1,24 @@
 """Candidate names → ranked by the memorizing model: the log-probability of each name's tokens
 after the prompt, with the memory, and of the name ending there.
 
-A beam search constrained to the trie of the candidates' token sequences: every step advances
-the best ``width`` partial names by one token, in one batch, reusing the prompt's keys and
-values, so shared prefixes (``compute_``...) are read once and a pool of thousands of names costs
-a handful of decoding steps.  A name is finished when its last token is read; its score adds the
-probability that the next token does not continue the identifier (``sum`` must not win just
-for being a prefix of ``summarize_quarterly_ledger``).
+The names' token sequences form a trie, so shared prefixes (``compute_``...) are read once:
+
+- **a small trie is read whole, in one forward pass** (``Decoder.tree``: every node attends to
+  the prompt and its own ancestors).  Every name gets its exact score, at the cost of about
+  three decoding steps for 64 nodes; typing a letter leaves a few dozen names, so this is the
+  keystroke's case.
+- **a large one** (thousands of names where nothing is typed yet) **is searched with a beam**:
+  every step advances the best ``width`` partial names by one token, in one batch.
+
+A name is finished when its last token is read; its score adds the probability that the next
+token does not continue the identifier (``sum`` must not win just for being a prefix of
+``summarize_quarterly_ledger``).
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -29,15 +36,18 @@ class _Node:
 class Ranked:
     name: str
     logprob: float  # of the name's tokens and of a token that ends the identifier after them
-    ctx: Context  # the prompt and the name, read: ghost text continues from here
-    evidence: list[Evidence | None]  # what the memory heads read along the name
+    # on demand, since only the names shown need them:
+    trail: Callable[[], list[Evidence | None]]  # what the memory heads read along the name
+    read: Callable[[], Context]  # the prompt and the name, read: ghost text continues from there
 
 
 class Ranker:
     """Ranks names after prompts of one model; not thread-safe (one decoding worker)."""
 
-    def __init__(self, decoder: Decoder) -> None:
+    def __init__(self, decoder: Decoder, *, tree_nodes: int = 96) -> None:
+        """``tree_nodes``: the largest trie read whole (``Decoder.tree``); larger ones are searched."""
         self.decoder = decoder
+        self.tree_nodes = tree_nodes
         tok = decoder.tok
         # tokens that would continue an identifier: they start with a word character (or a
         # non-ASCII byte, which in Python may be a letter)
@@ -68,19 +78,69 @@ class Ranker:
         """The ``top`` names, best first.  ``head``: bytes every name follows (the healed token).
 
         ``margin``: names more than this many nats below the best are not wanted; ``floor``: nor
-        are names at or below this log-probability.  Partial names already past either are
-        dropped (a name's score only falls as it grows), which ends the search sooner without
-        changing what is kept.
+        are names at or below this log-probability.  ``width``: the beam of a large trie.
         """
-        root = _Node()
+        root, size = _Node(), 0
         for name in names:
             node = root
             ids = self._tokens(head, name)
             if not ids or len(ids) > max_depth or len(ctx.ids) + len(ids) >= self.decoder.window:
                 continue
             for t in ids:
+                if t not in node.children:
+                    size += 1
                 node = node.children.setdefault(t, _Node())
             node.ends.append(name)
+        if not size:
+            return []
+        if size <= self.tree_nodes:
+            found = self._read_whole(ctx, root, memory, cancel)
+        else:
+            found = self._search(ctx, root, memory, width, top, margin, floor, cancel)
+        found.sort(key=lambda r: -r.logprob)
+        if found and margin is not None:
+            found = [r for r in found if r.logprob >= found[0].logprob - margin]
+        if floor is not None:
+            found = [r for r in found if r.logprob > floor]
+        return found[:top]
+
+    def _read_whole(self, ctx: Context, root: _Node, memory, cancel: threading.Event | None) -> list[Ranked]:
+        """Every name of the trie, scored from one forward pass over all its nodes."""
+        check(cancel)
+        tokens: list[int] = []
+        parents: list[int] = []
+        ends: list[tuple[int, str]] = []
+        todo = [(root, -1)]
+        while todo:  # depth first: a node's parent is always listed before it
+            node, at = todo.pop()
+            for t, child in node.children.items():
+                tokens.append(t)
+                parents.append(at)
+                ends += [(len(tokens) - 1, name) for name in child.ends]
+                todo.append((child, len(tokens) - 1))
+        tree = self.decoder.tree(ctx, tokens, parents, memory)
+        ids = torch.tensor(tokens, device=tree.logits.device)
+        up = torch.tensor(parents, device=tree.logits.device)
+        gained = torch.where(up < 0, ctx.logits[ids], tree.logits[up.clamp(min=0), ids]).tolist()
+        score: list[float] = []
+        for i, p in enumerate(parents):
+            score.append(gained[i] + (score[p] if p >= 0 else 0.0))
+        nodes = sorted({i for i, _ in ends})
+        if not nodes:
+            return []
+        stop = torch.logsumexp(tree.logits[nodes][:, self._ends.to(tree.logits.device)], dim=-1).tolist()
+        boundary = dict(zip(nodes, stop, strict=True))
+        return [Ranked(name, score[i] + boundary[i],
+                       lambda i=i: [ctx.evidence] + [tree.evidence(j) for j in tree.path(i)],
+                       lambda i=i: tree.context(i))
+                for i, name in ends]
+
+    def _search(self, ctx: Context, root: _Node, memory, width: int, top: int, margin: float | None,
+                floor: float | None, cancel: threading.Event | None) -> list[Ranked]:
+        """A beam over the trie: the best ``width`` partial names advance one token per step.
+        Partial names already below what ``top``, ``margin`` or ``floor`` keep are dropped (a
+        name's score only falls as it grows), which ends the search sooner without changing
+        what is kept."""
         beams: list[tuple[float, Context, _Node, list]] = [(0.0, ctx, root, [ctx.evidence])]
         finished: list[Ranked] = []
         while beams:
@@ -103,8 +163,7 @@ class Ranker:
             for (score, _, _, child, ev), c in zip(grown, stepped, strict=True):
                 trail = ev + [c.evidence]
                 for name in child.ends:
-                    finished.append(Ranked(name, score + self.boundary(c.logits), c, trail))
+                    finished.append(Ranked(name, score + self.boundary(c.logits), lambda t=trail: t, lambda c=c: c))
                 if child.children:
                     beams.append((score, c, child, trail))
-        finished.sort(key=lambda r: -r.logprob)
-        return finished[:top]
+        return finished
