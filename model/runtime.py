@@ -46,6 +46,21 @@ class CpuLinear(nn.Module):
         return F.linear(x, self.w16, self.bias)
 
 
+class CpuRMSNorm(nn.Module):
+    """RMSNorm in four operations, in float32: torch's own runs about twice as many for a single
+    row (38 against 17 µs on the dev machine), and a decoding step normalizes 61 times."""
+
+    def __init__(self, norm: nn.RMSNorm) -> None:
+        super().__init__()
+        self.eps = norm.eps if norm.eps is not None else torch.finfo(torch.float32).eps
+        self.register_buffer("weight", norm.weight.detach().float())
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        scale = torch.rsqrt(torch.mean(xf * xf, dim=-1, keepdim=True).add_(self.eps))
+        return (xf * scale).mul_(self.weight).to(x.dtype)
+
+
 def for_inference(model: MemorizingTransformer, device: torch.device) -> MemorizingTransformer:
     """``model`` (float32, on the CPU) made ready to serve on ``device``; changes it in place."""
     model.eval()
@@ -64,6 +79,10 @@ def for_inference(model: MemorizingTransformer, device: torch.device) -> Memoriz
             for name, child in list(parent.named_children()):
                 if isinstance(child, nn.Linear):
                     setattr(parent, name, CpuLinear(child))
-    model.to(torch.bfloat16)  # embeddings, norms, memory parameters; the int8 buffers stay int8
+        block.ln1, block.ln2 = CpuRMSNorm(block.ln1), CpuRMSNorm(block.ln2)
+    model.norm = CpuRMSNorm(model.norm)
+    model.to(torch.bfloat16)  # embeddings, memory parameters; the int8 buffers stay int8
+    for norm in (m for m in model.modules() if isinstance(m, CpuRMSNorm)):
+        norm.weight = norm.weight.float()  # the norms compute in float32
     model.attention_dtype = torch.float32
     return model

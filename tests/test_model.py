@@ -245,3 +245,16 @@ def test_the_copy_mix_equals_mixing_the_whole_distribution(model, tok):
 def test_context_limit_is_enforced(model, tok):
     with pytest.raises(ValueError, match="exceeds"):
         model(torch.zeros(1, model.cfg.max_context + 1, dtype=torch.long))
+
+
+def test_the_cpu_runtime_norm_computes_what_rmsnorm_does():
+    from mtlsp_model.runtime import CpuRMSNorm
+
+    norm = torch.nn.RMSNorm(64, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(64))
+    x = torch.randn(3, 5, 64) * 20
+    torch.testing.assert_close(CpuRMSNorm(norm)(x), norm(x), atol=1e-5, rtol=1e-5)
+    fast = CpuRMSNorm(norm)(x.bfloat16())
+    assert fast.dtype == torch.bfloat16
+    torch.testing.assert_close(fast.float(), norm(x.bfloat16().float()), atol=0.1, rtol=0.02)

@@ -225,8 +225,9 @@ class Completer:
     def _advance(self, ctx: Context, t: int, ahead: list[Context], memory: StoreMemory | None) -> Context:
         """``ctx`` followed by the chosen token ``t``.  Where the previous call guessed ``t``, its
         context is already read; otherwise ``t`` is read together with a guess of the next
-        tokens (``decode.guess``), whose contexts go to ``ahead``.  Greedy decoding stays exactly
-        what it is, in fewer passes where the code repeats itself."""
+        tokens (``decode.guess``), whose contexts go to ``ahead``.  Greedy decoding stays what it
+        is (up to the rounding of a pass over several tokens), in fewer passes where the code
+        repeats itself."""
         if ahead and ahead[0].ids[-1] == t:
             return ahead.pop(0)
         ahead.clear()
