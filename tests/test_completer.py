@@ -128,4 +128,22 @@ def test_a_name_that_appears_while_typing_is_ranked_into_the_popup(completer):
     names.append("lint_everything")  # typed a moment ago in another buffer
     completer.popup(A, PATH, text, len(text), recall)
     assert completer._docs[A].listed is not before  # ranked again, with the new name
-    assert "lint_everything" in completer._docs[A].listed.pool
+    assert "lint_everything" in completer._docs[A].listed.scored
+
+
+def test_a_keystroke_is_answered_from_every_name_scored_not_only_those_listed(completer):
+    """A name below the first list's cut is still the best one for a longer word: the list for
+    ``lq`` comes from the scores kept, without ranking again, and it is that name."""
+    names = [f"l{c}_{c}{c}" for c in "abcdefghijkmnopq"]  # one name per second letter
+    recall = Recall(None, lambda path, offset: 0, Sources(lambda: list(names)))
+    text = BASE + "l"
+    _, listed = completer.popup(A, PATH, text, len(text), recall)
+    kept = completer._docs[A].listed
+    assert all(n in kept.scored for n in names)  # a small trie: every name scored
+    below = [n for n in names if n not in {c.word for c in listed}]
+    assert below, "every name was listed: nothing to type into"
+    name = below[0]
+    more = text + name[1]
+    _, answer = completer.popup(A, PATH, more, len(more), recall)
+    assert completer._docs[A].listed is kept  # answered from the scores, not ranked again
+    assert [c.word for c in answer] == [name] and answer[0].logprob == kept.scored[name][0]

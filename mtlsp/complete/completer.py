@@ -19,7 +19,7 @@ import time
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -75,16 +75,32 @@ class Recall:
 
 @dataclass(frozen=True)
 class _Listed:
-    """A popup list and what it was ranked from: while the user types on into its word, the
-    items it still matches are the answer, unless a candidate name appeared since (a function
-    typed a moment ago).  A changed memory alone does not rank the list again: the user's own
-    buffer is written into the memory while they type, and re-ranking at each such write cost
-    keystrokes 0.3-1.2 s on flask, for scores that barely move."""
+    """A popup list's prompt and typed word, and every name its ranking scored (name ->
+    log-probability and memory evidence).  While the user types on into the word, the answer is
+    the best of the scored names that still match, provided every candidate that still matches
+    was scored: a trie read whole scores them all, a beam only those it finished, and a name that
+    appeared since (a function typed a moment ago) was not scored at all.  Otherwise the names
+    are ranked again.  A changed memory alone does not rank them again: the user's own buffer is
+    written into the memory while they type, and re-ranking at each such write cost keystrokes
+    0.3-1.2 s on flask, for scores that barely move."""
 
     ids: list[int]
     typed: str
-    pool: frozenset[str]  # the candidates ranked
-    items: list[Candidate]
+    scored: dict[str, tuple[float, Callable[[], Sequence[Evidence | None]]]]
+    shown: dict[str, Candidate] = field(default_factory=dict)  # items already made (support computed)
+
+    def answer(self, typed: str, pool: Sequence[str], items: int, recall: Recall | None) -> list[Candidate] | None:
+        """The list for ``typed``, or None where the scores kept cannot tell (see above).
+        ``pool``: the candidates now (empty where the list is the model's own beam)."""
+        if not typed.startswith(self.typed):
+            return None
+        if pool:
+            if any(name not in self.scored for name in pool):
+                return None
+            names: Sequence[str] = pool
+        else:
+            names = [n for n in self.scored if n.startswith(typed) and n != typed]
+        return _best({n: self.scored[n] for n in names}, items, recall, self.shown) or None
 
 
 @dataclass
@@ -264,29 +280,22 @@ class Completer:
         last = doc.listed
         if last is not None and last.ids == p.ids and p.typed.startswith(last.typed):
             pool = find() if find else candidates.Names()
-            if last.pool.issuperset(pool):
-                # typing on into a word already listed: the items it still matches, without the model
-                still = [c for c in last.items if c.word.startswith(p.typed) and c.word != p.typed]
-                if still:
-                    return p.typed, still
+            # typing on into a word already listed: answered from its scores where they tell
+            known = last.answer(p.typed, pool, items, recall)
+            if known is not None:
+                return p.typed, known
             ctx = self._prefill(doc, "popup", p.ids, memory, cancel)
         else:
             ctx, pool = self._read(doc, "popup", p.ids, memory, cancel, find)
         if pool:  # the model ranks names that exist
             head = p.required[: len(p.required) - len(p.typed.encode("utf-8"))]
-            ranked = self.ranker.rank(ctx, head, pool, memory, width=width, top=items, margin=_PLAUSIBLE, cancel=cancel)
-            found = {r.name: (r.logprob, tuple(r.trail())) for r in ranked}
+            scored = {r.name: (r.logprob, r.trail) for r in self.ranker.score(
+                ctx, head, pool, memory, width=width, top=items, margin=_PLAUSIBLE, cancel=cancel)}
         else:  # nothing known to rank: the model's own beam
-            found = self._beam(ctx, p, memory, width=width, max_steps=max_steps, items=items, cancel=cancel)
-        best = sorted(found.items(), key=lambda kv: -kv[1][0])[:items]
-        if best:  # drop the tail the model itself finds implausible next to the best
-            best = [(w, v) for w, v in best if v[0] > best[0][1][0] - _PLAUSIBLE]
-        listed = [
-            Candidate(w, lp, support(ev, recall, top=3) if recall else [])
-            for w, (lp, ev) in best
-        ]
-        doc.listed = _Listed(p.ids, p.typed, frozenset(pool), listed)
-        return p.typed, listed
+            scored = {w: (lp, lambda ev=ev: ev) for w, (lp, ev) in
+                      self._beam(ctx, p, memory, width=width, max_steps=max_steps, items=items, cancel=cancel).items()}
+        doc.listed = _Listed(p.ids, p.typed, scored)
+        return p.typed, _best(scored, items, recall, doc.listed.shown)
 
     def _beam(self, ctx: Context, p: prompt.Prompt, memory, *, width: int, max_steps: int, items: int,
               cancel) -> dict[str, tuple[float, tuple]]:
@@ -347,6 +356,20 @@ class Completer:
         ctx = self.decoder.prefill(ids, memory, reuse=reuse, cancel=cancel)
         setattr(doc, kind, ctx)
         return ctx
+
+
+def _best(scored: dict[str, tuple[float, Callable[[], Sequence[Evidence | None]]]], items: int,
+          recall: Recall | None, made: dict[str, Candidate]) -> list[Candidate]:
+    """The ``items`` best-scored names, without the tail the model itself finds implausible next
+    to the best, as popup items with their support (``made``: items already built, reused)."""
+    best = sorted(scored.items(), key=lambda kv: -kv[1][0])[:items]
+    best = [(w, v) for w, v in best if v[0] > best[0][1][0] - _PLAUSIBLE]
+    out = []
+    for w, (lp, trail) in best:
+        if w not in made:
+            made[w] = Candidate(w, lp, support(trail(), recall, top=3) if recall else [])
+        out.append(made[w])
+    return out
 
 
 def _word(out: bytes, p: prompt.Prompt, ended: bool) -> str | None:

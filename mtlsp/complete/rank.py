@@ -80,6 +80,20 @@ class Ranker:
         ``margin``: names more than this many nats below the best are not wanted; ``floor``: nor
         are names at or below this log-probability.  ``width``: the beam of a large trie.
         """
+        found = self.score(ctx, head, names, memory, width=width, top=top, max_depth=max_depth,
+                           margin=margin, floor=floor, cancel=cancel)
+        if found and margin is not None:
+            found = [r for r in found if r.logprob >= found[0].logprob - margin]
+        if floor is not None:
+            found = [r for r in found if r.logprob > floor]
+        return found[:top]
+
+    def score(self, ctx: Context, head: bytes, names: list[str], memory, *, width: int = 8, top: int = 8,
+              max_depth: int = 16, margin: float | None = None, floor: float | None = None,
+              cancel: threading.Event | None = None) -> list[Ranked]:
+        """Every name the ranking scored, best first: all of a trie read whole; of a larger one,
+        those the beam finished before ``top``, ``margin`` and ``floor`` ended its search.  A
+        popup keeps them, so that a keystroke can be answered from them (``completer.py``)."""
         root, size = _Node(), 0
         for name in names:
             node = root
@@ -98,11 +112,7 @@ class Ranker:
         else:
             found = self._search(ctx, root, memory, width, top, margin, floor, cancel)
         found.sort(key=lambda r: -r.logprob)
-        if found and margin is not None:
-            found = [r for r in found if r.logprob >= found[0].logprob - margin]
-        if floor is not None:
-            found = [r for r in found if r.logprob > floor]
-        return found[:top]
+        return found
 
     def _read_whole(self, ctx: Context, root: _Node, memory, cancel: threading.Event | None) -> list[Ranked]:
         """Every name of the trie, scored from one forward pass over all its nodes."""
