@@ -128,7 +128,7 @@ def test_a_name_that_appears_while_typing_is_ranked_into_the_popup(completer):
     names.append("lint_everything")  # typed a moment ago in another buffer
     completer.popup(A, PATH, text, len(text), recall)
     assert completer._docs[A].listed is not before  # ranked again, with the new name
-    assert "lint_everything" in completer._docs[A].listed.scored
+    assert "lint_everything" in completer._docs[A].listed.pool
 
 
 def test_a_keystroke_is_answered_from_every_name_scored_not_only_those_listed(completer):
