@@ -417,6 +417,8 @@ class MemorizingTransformer(nn.Module):
             cos, sin = self._rope(start, int(depth.max()) + 1, ad)
             cos, sin = cos[depth], sin[depth]
             mask = torch.cat((torch.ones(T, start, dtype=torch.bool, device=x.device), tree), dim=-1)
+        # the local keys each position may read, for the memory heads' own softmax
+        allowed = None if memory is None else mask if mask is not None else self._mask(T, start, x.device)
         new: list[KV] = []
         reads: list[Read] = []
         for n, i in enumerate(range(first, upto)):
@@ -431,7 +433,6 @@ class MemorizingTransformer(nn.Module):
             a = F.scaled_dot_product_attention(q, k, v, is_causal=mask is None and T > 1, attn_mask=mask,
                                                enable_gqa=self.cfg.group > 1)
             if memory is not None and i in self._mem_at and memory_from < T:
-                allowed = mask if mask is not None else self._mask(T, start, x.device)
                 a = self._memory_heads(i, a, q, q0, k, v, h.to(ad), allowed, memory, reads, memory_from)
             x = x + block.attn.o_proj(a.transpose(1, 2).reshape(B, T, -1)).to(x.dtype)
             x = x + block.mlp(block.ln2(x)).to(x.dtype)

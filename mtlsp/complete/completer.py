@@ -29,6 +29,8 @@ from .rank import Ranker
 from .retrieval import StoreMemory
 
 LineOf = Callable[[str, int], int]  # (path, byte offset) -> 1-based line
+# name -> (log-probability, the memory evidence along it, computed on demand): what a ranking scored
+Scored = dict[str, tuple[float, Callable[[], Sequence[Evidence | None]]]]
 _PLAUSIBLE = 6.0  # popup items within this many nats of the best
 _NAME_FLOOR = -12.0  # elsewhere ghost text starts with an existing name only if the model finds it this likely
 
@@ -96,7 +98,7 @@ class _Listed:
     ids: list[int]
     typed: str
     pool: frozenset[str]  # the candidates ranked
-    scored: dict[str, tuple[float, Callable[[], Sequence[Evidence | None]]]]
+    scored: Scored
     shown: dict[str, Candidate] = field(default_factory=dict)  # items already made (support computed)
 
     def answer(self, typed: str, pool: Sequence[str], items: int, recall: Recall | None) -> list[Candidate] | None:
@@ -302,16 +304,15 @@ class Completer:
             scored = {r.name: (r.logprob, r.trail) for r in self.ranker.score(
                 ctx, head, pool, memory, width=width, top=items, margin=_PLAUSIBLE, cancel=cancel)}
         else:  # nothing known to rank: the model's own beam
-            scored = {w: (lp, lambda ev=ev: ev) for w, (lp, ev) in
-                      self._beam(ctx, p, memory, width=width, max_steps=max_steps, items=items, cancel=cancel).items()}
+            scored = self._beam(ctx, p, memory, width=width, max_steps=max_steps, items=items, cancel=cancel)
         doc.listed = _Listed(p.ids, p.typed, frozenset(pool), scored)
         return p.typed, _best(scored, items, recall, doc.listed.shown)
 
     def _beam(self, ctx: Context, p: prompt.Prompt, memory, *, width: int, max_steps: int, items: int,
-              cancel) -> dict[str, tuple[float, tuple]]:
+              cancel) -> Scored:
         """Identifiers the model writes itself: a small beam up to the end of the word."""
         beams: list[tuple[Context, bytes, float, tuple]] = [(ctx, b"", 0.0, (ctx.evidence,))]
-        done: dict[str, tuple[float, tuple]] = {}
+        done: Scored = {}
         for _ in range(max_steps):
             check(cancel)
             grown: list[tuple[float, Context, bytes, int, tuple]] = []
@@ -330,7 +331,7 @@ class Completer:
                     if word is None:
                         grown.append((total, c, grown_out, t, ev))
                     elif word and word != p.typed and (word not in done or done[word][0] < total):
-                        done[word] = (total, ev)
+                        done[word] = (total, lambda ev=ev: ev)
             grown.sort(key=lambda g: -g[0])
             grown = grown[:width]
             ranks = sorted((v[0] for v in done.values()), reverse=True)
@@ -368,7 +369,7 @@ class Completer:
         return ctx
 
 
-def _best(scored: dict[str, tuple[float, Callable[[], Sequence[Evidence | None]]]], items: int,
+def _best(scored: Scored, items: int,
           recall: Recall | None, made: dict[str, Candidate]) -> list[Candidate]:
     """The ``items`` best-scored names, without the tail the model itself finds implausible next
     to the best, as popup items with their support (``made``: items already built, reused)."""

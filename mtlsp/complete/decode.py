@@ -209,9 +209,7 @@ class Decoder:
         n, T = len(ctx.ids), len(tokens)
         if n + T > self.window:
             raise ValueError("the completion ran past the context window")
-        x = torch.tensor([tokens], device=self.device)
-        with torch.inference_mode():
-            out = self.model(x, past=ctx.kv, memory=memory)
+        out = self._forward([tokens], ctx.kv, memory, last_only=False)
         return [Context(ctx.ids + tokens[: i + 1], [KV(kv.keys[:, :, : n + i + 1], kv.values[:, :, : n + i + 1], kv.buffer)
                                                      for kv in out.kv],
                         out.logits[0, i], Evidence.of(out.reads, 0, i), ctx.memory, ctx.clean)
@@ -231,15 +229,14 @@ class Decoder:
             reads[i, i] = True
         if len(ctx.ids) + int(reads.sum(-1).max()) > self.window:
             raise ValueError("the trie runs past the context window")
-        x = torch.tensor([tokens], device=self.device)
-        with torch.inference_mode():
-            out = self.model(x, past=ctx.kv, memory=memory, tree=reads.to(self.device))
+        out = self._forward([tokens], ctx.kv, memory, last_only=False, tree=reads.to(self.device))
         return Tree(ctx, list(tokens), list(parents), out.logits[0], out.kv, out.reads)
 
-    def _forward(self, rows: list[list[int]], past: list[KV] | None, memory: Memory | None, memory_from: int = 0):
+    def _forward(self, rows: list[list[int]], past: list[KV] | None, memory: Memory | None, memory_from: int = 0,
+                 *, last_only: bool = True, tree: Tensor | None = None):
         x = torch.tensor(rows, device=self.device)
         with torch.inference_mode():
-            return self.model(x, past=past, memory=memory, last_only=True, memory_from=memory_from)
+            return self.model(x, past=past, memory=memory, last_only=last_only, memory_from=memory_from, tree=tree)
 
 
 class _TokenTable:

@@ -70,7 +70,11 @@ class Ranker:
 
     def boundary(self, logits: torch.Tensor) -> float:
         """log P(the next token ends the identifier)."""
-        return float(torch.logsumexp(logits[self._ends.to(logits.device)], dim=0))
+        return float(self._boundaries(logits))
+
+    def _boundaries(self, logits: torch.Tensor) -> torch.Tensor:
+        """``boundary`` along the last axis, for any number of positions at once."""
+        return torch.logsumexp(logits[..., self._ends.to(logits.device)], dim=-1)
 
     def rank(self, ctx: Context, head: bytes, names: list[str], memory, *, width: int = 8, top: int = 8,
              max_depth: int = 16, margin: float | None = None, floor: float | None = None,
@@ -135,11 +139,8 @@ class Ranker:
         score: list[float] = []
         for i, p in enumerate(parents):
             score.append(gained[i] + (score[p] if p >= 0 else 0.0))
-        nodes = sorted({i for i, _ in ends})
-        if not nodes:
-            return []
-        stop = torch.logsumexp(tree.logits[nodes][:, self._ends.to(tree.logits.device)], dim=-1).tolist()
-        boundary = dict(zip(nodes, stop, strict=True))
+        nodes = sorted({i for i, _ in ends})  # every leaf ends a name: never empty
+        boundary = dict(zip(nodes, self._boundaries(tree.logits[nodes]).tolist(), strict=True))
         return [Ranked(name, score[i] + boundary[i],
                        lambda i=i: [ctx.evidence] + [tree.evidence(j) for j in tree.path(i)],
                        lambda i=i: tree.context(i))
