@@ -84,8 +84,9 @@ class Engine:
     def open_memory(self, root: Path, *, cap_tokens: int, cache_root: str | Path | None = None,
                     scan: ScanOptions | None = None, ann_background: bool = True) -> tuple[MemoryStore, Indexer]:
         """A folder's store (refused and rebuilt if another model wrote it) and its indexer."""
-        options = StoreOptions(cap_tokens=cap_tokens, device=self.device.type, ann_background=ann_background)
         cfg = self.loaded.config
+        options = StoreOptions(cap_tokens=cap_tokens, device=self.device.type, ann_background=ann_background,
+                               ann_k=cfg.knn_k)
         store = MemoryStore.open(root, fingerprint=self.loaded.store_fingerprint, heads=len(cfg.memory_kv_heads),
                                  dim=cfg.head_dim, cache_root=cache_root, options=options)
         return store, Indexer(root, store, self.encoder, scan=scan)

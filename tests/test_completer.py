@@ -9,10 +9,12 @@ or that extends a word the popup listed, is answered without the model at all.
 from __future__ import annotations
 
 import pytest
+import torch
 from conftest import random_model, tiny_config
 
+from mtlsp.complete import completer as completer_module
 from mtlsp.complete.candidates import Sources
-from mtlsp.complete.completer import Completer, Recall
+from mtlsp.complete.completer import Completer, Recall, _Word
 from mtlsp.complete.decode import Decoder
 
 PATH = "app/pricing.py"
@@ -147,3 +149,58 @@ def test_a_keystroke_is_answered_from_every_name_scored_not_only_those_listed(co
     _, answer = completer.popup(A, PATH, more, len(more), recall)
     assert completer._docs[A].listed is kept  # answered from the scores, not ranked again
     assert [c.word for c in answer] == [name] and answer[0].logprob == kept.scored[name][0]
+
+
+def test_a_called_name_that_exists_nowhere_is_respelled_as_the_existing_one(completer, tok, monkeypatch):
+    """Ghost text that calls ``_collect_errors()`` where the file imports ``_CollectErrors``
+    writes the existing name instead, continuing from the model's own reading of it."""
+    monkeypatch.setattr(completer_module, "_NAME_FLOOR", float("-inf"))  # a random model finds every name unlikely
+    text = "from .helpers import _CollectErrors\n\n\ndef teardown():\n    errors ="
+    recall = Recall(None, lambda path, offset: 0, Sources(lambda: ["teardown"]))
+    ctx = completer.decoder.prefill(tok.encode(text), None)
+    written = b" _collect_errors"
+    word = _Word(ctx, 0, 1, 1)  # the token that began it starts the output; the name, one byte in
+    got = completer._respell(word, written, text.encode(), PATH, text, recall, None)
+    assert got is not None
+    after, out, trail = got
+    assert out == b" _CollectErrors"
+    name_ids = tok.encode_bytes(out)
+    assert after.ids == ctx.ids + name_ids
+    plain = completer.decoder.prefill(ctx.ids + name_ids, None)
+    assert torch.allclose(after.logits.float(), plain.logits.float(), atol=2e-2)
+    assert len(trail) == 1 + len(name_ids)  # the prompt's evidence, then one per token of the name
+    # a name that exists, an attribute, a name being defined or imported: left as written
+    for before, name in [("errors =", b" _CollectErrors"), ("errors = self.", b"_collect_errors"),
+                         ("def", b" _collect_errors"), ("from .helpers import", b" _collect_errors")]:
+        t = text[: text.rindex("\n") + 5] + before
+        c = completer.decoder.prefill(tok.encode(t), None)
+        start = 1 if name.startswith(b" ") else 0
+        assert completer._respell(_Word(c, 0, start, 1), name, t.encode(), PATH, t, recall, None) is None
+
+
+def test_the_identifier_being_written_is_tracked_token_by_token():
+    ctx = object()  # only carried along
+    word = _Word.after(None, ctx, b" =", b" _", 3)
+    assert (word.token, word.start, word.evidence) == (2, 3, 3)
+    assert _Word.after(word, ctx, b" = _", b"collect", 4) is word  # lengthens it
+    assert _Word.after(word, ctx, b" = _collect", b"()", 5) is None  # ends it
+    inner = _Word.after(None, ctx, b"f", b"(x", 2)
+    assert (inner.token, inner.start) == (1, 2)  # begins inside the token
+    assert _Word.after(None, ctx, b"", b"\xc3\xa9", 1) is None  # not an ASCII name
+
+
+def test_ghost_text_and_popup_at_one_keystroke_rank_the_names_once(completer):
+    """An editor asks for both at every keystroke; the popup takes the ghost text's ranking."""
+    names = ["line_total", "listing", "lint_everything"]
+    recall = Recall(None, lambda path, offset: 0, Sources(lambda: list(names)))
+    text = BASE + "li"
+    reads = []
+    read_trie = completer.decoder.tree
+    completer.decoder.tree = lambda *a, **k: reads.append(1) or read_trie(*a, **k)
+    completer.inline(A, PATH, text, len(text), recall, max_tokens=4)
+    assert len(reads) == 1
+    _, listed = completer.popup(A, PATH, text, len(text), recall)
+    assert len(reads) == 1 and listed
+    _, alone = completer.popup(B, PATH, text, len(text), recall)  # another document ranks for itself
+    assert len(reads) == 2
+    assert [(c.word, c.logprob) for c in listed] == [(c.word, c.logprob) for c in alone]

@@ -440,22 +440,24 @@ def clustered(rng, centres, n, spread=0.3):
     return centres[pick] + noise
 
 
-def test_approximate_index_recall_is_measured(tmp_path):
-    """Above the threshold a CPU store searches per-head IVF indexes tuned to the recall target."""
+@pytest.mark.parametrize("k", [32, 8])
+def test_approximate_index_recall_is_measured(tmp_path, k):
+    """Above the threshold a CPU store searches per-head IVF indexes tuned to the recall target,
+    at the number of entries the model reads per query (``ann_k``)."""
     rng = np.random.default_rng(11)
     centres = keys_like(rng, 40) * rng.uniform(0.5, 2.0, (40, 1, 1))
-    store = store_at(tmp_path, ann_threshold=20_000, ann_background=False, ann_recall=0.9)
+    store = store_at(tmp_path, ann_threshold=20_000, ann_background=False, ann_recall=0.9, ann_k=k)
     for i in range(6):
         x = clustered(rng, centres, 4000)
         store.update([one_chunk(f"f{i}.py", Entries.from_float(x, x, np.arange(4000), np.arange(4000)))])
     s = store.stats()
     assert s["ann"] is not None and s["ann"]["in_use"] and s["backend"] == "faiss-cpu ivf"
-    assert s["ann"]["heads_built"] == HEADS and s["ann"]["recall_at_32"] >= 0.9
+    assert s["ann"]["heads_built"] == HEADS and s["ann"]["k"] == k and s["ann"]["recall_at_k"] >= 0.9
     q = clustered(rng, centres, 100).transpose(1, 0, 2).astype(np.float32)
-    approx = store.search(q, 32).slots
+    approx = store.search(q, k).slots
     keys = store._search.keys
     for h in range(HEADS):
-        exact = knn.top_k(q[h], keys.codes[h, : keys.used], keys.scales[h, : keys.used], 32, keys.alive[: keys.used])[1]
+        exact = knn.top_k(q[h], keys.codes[h, : keys.used], keys.scales[h, : keys.used], k, keys.alive[: keys.used])[1]
         assert knn.recall_at_k(approx[h], exact) >= 0.85  # fresh queries, not the tuning ones
     store.remove_files(["f0.py"])  # tombstoned entries never come back from the IVF indexes
     hits = store.search(q, 32)

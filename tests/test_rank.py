@@ -146,3 +146,46 @@ def test_end_mask_blocks_exactly_the_identifier_continuations(tok):
     for t, b in enumerate(tok.token_bytes):
         continues = bool(b) and (chr(b[0]).isalnum() or b[:1] == b"_" or b[0] >= 0x80)
         assert (mask[t] == float("-inf")) == continues, b
+
+
+def test_a_name_that_exists_nowhere_is_respelled_only_as_a_near_existing_one():
+    text = "from .helpers import _CollectErrors\nrecords = []\nrecordsets = {}\n"
+    sources = candidates.Sources(names=lambda: ["compute_invoice_total"])
+    got = lambda word: candidates.respellings(word, "app/x.py", text, sources)  # noqa: E731
+    assert got("_collect_errors") == ["_CollectErrors"]  # case and underscores aside, the same
+    assert got("_CollectErrors") == []  # it exists
+    assert got("compute_invoice_totl") == ["compute_invoice_total"]  # one letter off a long name
+    assert got("recordset") == ["recordsets"]
+    assert got("record") == []  # a short name: likely a variable the line is binding
+    assert got("calculate_total") == []  # another name altogether
+    assert got("print") == []  # a builtin
+    assert candidates.respellings("_collect_errors", "app/x.js", text, sources) == []  # Python only
+
+
+def test_the_last_trie_read_answers_the_same_question_again(setup, tok):
+    """Ghost text and the popup of one keystroke rank the same names after the same prompt
+    state: the second asks no model.  Other names, another prompt state or memory are read
+    again; a beam (whose answer depends on how far it searched) always searches."""
+    _, decoder, memory = setup
+    p = prompt.build(tok, "app/report.py", SRC, len(SRC), prefix_tokens=200)
+    head = p.required[: len(p.required) - len(p.typed)]
+    names = ["summarize_ledger", "subtotal", "sum", "summary", "super"]
+    ctx = decoder.prefill(p.ids, memory)
+    passes = []
+    for name in ("tree", "step"):
+        real = getattr(decoder, name)
+        setattr(decoder, name, lambda *a, real=real, **k: passes.append(1) or real(*a, **k))
+    whole, beam = Ranker(decoder), Ranker(decoder, tree_nodes=0)
+    first = whole.score(ctx, head, names, memory, width=4, top=1, floor=-12.0)
+    assert len(passes) == 1
+    again = whole.score(ctx, head, names, memory, width=8, top=6)
+    assert len(passes) == 1  # a trie read whole answers any search of the same names
+    assert [(r.name, r.logprob) for r in again] == [(r.name, r.logprob) for r in first]
+    whole.score(ctx, head, names[:-1], memory)
+    assert len(passes) == 2  # other names: read again
+    whole.score(decoder.prefill(p.ids, None), head, names[:-1], None)
+    assert len(passes) == 3  # another prompt state (no memory): read again
+    beam.score(ctx, head, names, memory, width=4, top=1)
+    n = len(passes)
+    beam.score(ctx, head, names, memory, width=4, top=1)
+    assert len(passes) > n

@@ -128,13 +128,56 @@ class Sources:
     modules: ModuleNames | None = None  # the workspace's Python modules, for ``alias.``
 
 
+def defining(line_before: str) -> bool:
+    """Whether the word at the end of ``line_before`` is a name being defined (``def |``)."""
+    return _DEFINING.search(line_before) is not None
+
+
 def identifier_position(line_before: str, typed: str) -> bool:
     """Whether the cursor is where an existing name is expected: inside a word, or right after
     ``x.``; not where a new name is being defined (``def |``)."""
     head = line_before[: len(line_before) - len(typed)]
-    if _DEFINING.search(line_before):
+    if defining(line_before):
         return False
     return bool(typed) or head.endswith(".")
+
+
+def _folded(name: str) -> str:
+    return name.replace("_", "").lower()
+
+
+def _one_edit(a: str, b: str) -> bool:
+    """Whether ``b`` is ``a`` with one character replaced, inserted or deleted."""
+    if abs(len(a) - len(b)) > 1:
+        return False
+    if len(a) > len(b):
+        a, b = b, a
+    i = 0
+    while i < len(a) and a[i] == b[i]:
+        i += 1
+    return a[i + (len(a) == len(b)) :] == b[i + 1 :]
+
+
+def respellings(word: str, path: str, text: str, sources: Sources | None, *, long: int = 8) -> list[str]:
+    """The existing names that ``word`` misspells, where ``word`` names nothing; else [].
+
+    Ghost text writes a bare name the model has not read exactly (``_collect_errors()`` for the
+    ``_CollectErrors()`` that the file imports): called or dereferenced, a name that the file,
+    the memory, the open buffers and the language's builtins all lack is a ``NameError`` to be.
+    Its respellings are the existing names equal to it but for case and underscores, or, for
+    names of ``long`` letters or more, one letter apart; shorter names, or anything looser,
+    would turn a variable the line is about to bind (``record`` in a comprehension) into
+    another one (``records``).  Python only: what counts as bound is Python's."""
+    if not path.endswith((".py", ".pyi")) or not IDENTIFIER.fullmatch(word) or word in _PYTHON:
+        return []
+    known = {m.group(0) for m in IDENTIFIER.finditer(text)}
+    if sources is not None:
+        known.update(sources.names())
+    if word in known:
+        return []
+    key = _folded(word)
+    return sorted(n for n in known if (f := _folded(n)) == key or (
+        len(key) >= long and f[:1] == key[:1] and _one_edit(f, key)))
 
 
 class Names(list):

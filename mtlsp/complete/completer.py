@@ -14,6 +14,7 @@ returned by the decoder with the scores they produced).  That is the provenance 
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections import OrderedDict, defaultdict
@@ -33,6 +34,7 @@ LineOf = Callable[[str, int], int]  # (path, byte offset) -> 1-based line
 Scored = dict[str, tuple[float, Callable[[], Sequence[Evidence | None]]]]
 _PLAUSIBLE = 6.0  # popup items within this many nats of the best
 _NAME_FLOOR = -12.0  # elsewhere ghost text starts with an existing name only if the model finds it this likely
+_IMPORTING = re.compile(r"\s*(import|from)\s")  # names an import binds need not exist yet
 
 
 @dataclass(frozen=True)
@@ -211,7 +213,7 @@ class Completer:
         out = b""
         written = ""
         n = 0
-        seeded = False
+        named = False  # ``out`` ends with a whole name chosen among existing ones: it may not grow
         ahead: list[Context] = []  # contexts after guessed tokens (``_advance``)
         if spell:
             # the identifier at the cursor is spelled from a name that exists, if one is likely
@@ -221,9 +223,11 @@ class Completer:
             # after ``module.`` (a closed pool) a name typed a moment ago is new to the model's
             # weights, so the best one is taken however unlikely the model finds it
             if best and (pool.closed or best[0].logprob > _NAME_FLOOR):
-                ctx, out, seeded = best[0].read(), head + best[0].name.encode("utf-8"), True
+                ctx, out, named = best[0].read(), head + best[0].name.encode("utf-8"), True
                 evidence += best[0].trail()
                 written = out[len(p.required):].decode("utf-8", "ignore")
+        word: _Word | None = None  # the name the model is writing (where it began), for ``_respell``
+        lead = before[-200:].encode("utf-8")[: -len(p.required) or None]  # what precedes the output
         for n in range(1, max_tokens + 1):
             check(cancel)
             if len(ctx.ids) >= self.decoder.window:
@@ -231,12 +235,24 @@ class Completer:
             scores = ctx.logits
             if len(out) < len(p.required):
                 scores = scores + self.decoder.constraints.mask(p.required[len(out):], scores.device)
-            elif seeded and n == 1:  # the chosen name is whole: the next token may not lengthen it
+            elif named:  # the chosen name is whole: the next token may not lengthen it
                 scores = scores + self.ranker.end_mask(scores.device)
             t = int(scores.argmax())
             if self.tok.is_special[t] or not torch.isfinite(scores[t]):
                 break  # <|endoftext|> or another control token: the model says the file ends
-            out += self.tok.token_bytes[t]
+            piece = self.tok.token_bytes[t]
+            if word is not None and names and not _continues(piece) and piece[:1] in (b"(", b"."):
+                fixed = self._respell(word, out, lead, path, text, recall, cancel)
+                if fixed is not None:  # the name the model wrote exists nowhere: an existing one instead
+                    ctx, out, trail = fixed
+                    evidence[word.evidence - 1 :] = trail
+                    written = out[len(p.required):].decode("utf-8", "ignore")
+                    ahead.clear()
+                    word, named = None, True
+                    continue
+            word = _Word.after(word, ctx, out, piece, len(evidence)) if len(out) + len(piece) > len(p.required) else None
+            named = False
+            out += piece
             if len(out) >= len(p.required):
                 written = out[len(p.required):].decode("utf-8", "ignore")
                 cut = stopper.cut(written)
@@ -249,6 +265,28 @@ class Completer:
         ranked_support = support(evidence, recall) if recall else []
         doc.shown = _Shown(before, after, result, ranked_support) if result else None
         return Inline(result, ranked_support, n, _ms(t0))
+
+    def _respell(self, word: _Word, out: bytes, lead: bytes, path: str, text: str, recall: Recall | None,
+                 cancel) -> tuple[Context, bytes, list[Evidence | None]] | None:
+        """Where ghost text calls or dereferences a bare name that exists nowhere, the existing
+        name it misspells (``candidates.respellings``) that the model finds likeliest at that
+        place: the context after it, ``out`` with it, and the memory's evidence along it.  None
+        where the name exists, is being defined or imported, or has no likely respelling."""
+        name = out[word.start :].decode("utf-8", "ignore")
+        before = (lead + out[: word.start]).decode("utf-8", "ignore")
+        before = before[before.rfind("\n") + 1 :]
+        if before.endswith(".") or candidates.defining(before) or _IMPORTING.match(before):
+            return None
+        sources = recall.sources if recall else None
+        spellings = candidates.respellings(name, path, text, sources)
+        if not spellings:
+            return None
+        head = out[word.token : word.start]
+        memory = recall.memory if recall else None
+        best = self.ranker.rank(word.ctx, head, spellings, memory, width=4, top=1, floor=_NAME_FLOOR, cancel=cancel)
+        if not best:
+            return None
+        return best[0].read(), out[: word.token] + head + best[0].name.encode("utf-8"), best[0].trail()
 
     def _advance(self, ctx: Context, t: int, ahead: list[Context], memory: StoreMemory | None) -> Context:
         """``ctx`` followed by the chosen token ``t``.  Where the previous call guessed ``t``, its
@@ -381,6 +419,36 @@ def _best(scored: Scored, items: int,
             made[w] = Candidate(w, lp, support(trail(), recall, top=3) if recall else [])
         out.append(made[w])
     return out
+
+
+@dataclass(frozen=True)
+class _Word:
+    """An identifier ghost text is writing: the context before the token it began in (kept to
+    rank its respellings there), where that token and the identifier begin in the output, and
+    how many evidence entries the completion had then."""
+
+    ctx: Context
+    token: int
+    start: int
+    evidence: int
+
+    @staticmethod
+    def after(word: _Word | None, ctx: Context, out: bytes, piece: bytes, evidence: int) -> _Word | None:
+        """The identifier open once ``piece`` (read at ``ctx``) follows ``out``: None if it ends
+        the line's text with something else; ``word`` if it lengthens it."""
+        if not _continues(piece[-1:]):
+            return None
+        i = len(piece)
+        while i > 0 and _continues(piece[i - 1 : i]):
+            i -= 1
+        if i == 0 and _continues(out[-1:]):
+            return word
+        return _Word(ctx, len(out), len(out) + i, evidence)
+
+
+def _continues(piece: bytes) -> bool:
+    """Whether ``piece`` starts with a character that continues an identifier."""
+    return bool(piece) and (chr(piece[0]).isalnum() or piece[0] == ord("_")) and piece[0] < 0x80
 
 
 def _word(out: bytes, p: prompt.Prompt, ended: bool) -> str | None:

@@ -53,6 +53,7 @@ class Settings(Protocol):
 
     ann_threshold: int
     ann_recall: float
+    ann_k: int
     ann_rebuild_fraction: float
     ann_background: bool
 
@@ -658,7 +659,8 @@ class Searcher:
             self._log = None
             self._thread = None
 
-    def _build_head(self, h: int, k: int = 32) -> None:
+    def _build_head(self, h: int) -> None:
+        k = self.settings.ann_k  # recall is measured at the k the model reads: a smaller k needs fewer lists
         with self._lock:
             slots = self.keys.live_slots()
             if len(slots) < _MIN_IVF_ENTRIES:  # the store shrank since the build began
@@ -706,7 +708,8 @@ class Searcher:
                 "heads_built": len(built),
                 "nlist": [ivf.nlist for ivf in built],
                 "nprobe": [ivf.nprobe for ivf in built],
-                "recall_at_32": min(ivf.recall for ivf in built),
+                "recall_at_k": min(ivf.recall for ivf in built),
+                "k": self.settings.ann_k,
                 "recall_per_head": [ivf.recall for ivf in built],
                 "measured_on": self._probe_source,
                 "built_size": min(ivf.built_size for ivf in built),

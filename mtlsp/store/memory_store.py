@@ -73,6 +73,7 @@ class StoreOptions:
     # keys at 200k entries takes tens of ms on a 2-core VM, IVF ~1 ms at recall@32 >= 0.95.
     ann_threshold: int = 65_536
     ann_recall: float = 0.95  # recall@k each head's IVF nprobe is tuned to (the paper's floor is 0.9)
+    ann_k: int = 32  # the k of that recall: how many entries the model reads per query
     ann_rebuild_fraction: float = 0.25  # retrain once this share of entries changed since
     ann_background: bool = True
     refresh_interval: float = 0.5
