@@ -128,6 +128,11 @@ class Sources:
     modules: ModuleNames | None = None  # the workspace's Python modules, for ``alias.``
 
 
+def word_byte(byte: int) -> bool:
+    """Whether a byte of UTF-8 text continues an ASCII identifier (letter, digit, underscore)."""
+    return byte < 0x80 and (chr(byte).isalnum() or byte == ord("_"))
+
+
 def defining(line_before: str) -> bool:
     """Whether the word at the end of ``line_before`` is a name being defined (``def |``)."""
     return _DEFINING.search(line_before) is not None

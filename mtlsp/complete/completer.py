@@ -217,13 +217,12 @@ class Completer:
         ahead: list[Context] = []  # contexts after guessed tokens (``_advance``)
         if spell:
             # the identifier at the cursor is spelled from a name that exists, if one is likely
-            head = p.required[: len(p.required) - len(p.typed.encode("utf-8"))]
             floor = None if pool.closed else _NAME_FLOOR
-            best = self.ranker.rank(ctx, head, pool, memory, width=4, top=1, floor=floor, cancel=cancel) if pool else []
+            best = self.ranker.rank(ctx, p.head, pool, memory, width=4, top=1, floor=floor, cancel=cancel) if pool else []
             # after ``module.`` (a closed pool) a name typed a moment ago is new to the model's
             # weights, so the best one is taken however unlikely the model finds it
             if best and (pool.closed or best[0].logprob > _NAME_FLOOR):
-                ctx, out, named = best[0].read(), head + best[0].name.encode("utf-8"), True
+                ctx, out, named = best[0].read(), p.head + best[0].name.encode("utf-8"), True
                 evidence += best[0].trail()
                 written = out[len(p.required):].decode("utf-8", "ignore")
         word: _Word | None = None  # the name the model is writing (where it began), for ``_respell``
@@ -241,7 +240,7 @@ class Completer:
             if self.tok.is_special[t] or not torch.isfinite(scores[t]):
                 break  # <|endoftext|> or another control token: the model says the file ends
             piece = self.tok.token_bytes[t]
-            if word is not None and names and not _continues(piece) and piece[:1] in (b"(", b"."):
+            if word is not None and names and piece[:1] in (b"(", b"."):
                 fixed = self._respell(word, out, lead, path, text, recall, cancel)
                 if fixed is not None:  # the name the model wrote exists nowhere: an existing one instead
                     ctx, out, trail = fixed
@@ -338,9 +337,8 @@ class Completer:
         else:
             ctx, pool = self._read(doc, "popup", p.ids, memory, cancel, find)
         if pool:  # the model ranks names that exist
-            head = p.required[: len(p.required) - len(p.typed.encode("utf-8"))]
             scored = {r.name: (r.logprob, r.trail) for r in self.ranker.score(
-                ctx, head, pool, memory, width=width, top=items, margin=_PLAUSIBLE, cancel=cancel)}
+                ctx, p.head, pool, memory, width=width, top=items, margin=_PLAUSIBLE, cancel=cancel)}
         else:  # nothing known to rank: the model's own beam
             scored = self._beam(ctx, p, memory, width=width, max_steps=max_steps, items=items, cancel=cancel)
         doc.listed = _Listed(p.ids, p.typed, frozenset(pool), scored)
@@ -436,19 +434,14 @@ class _Word:
     def after(word: _Word | None, ctx: Context, out: bytes, piece: bytes, evidence: int) -> _Word | None:
         """The identifier open once ``piece`` (read at ``ctx``) follows ``out``: None if it ends
         the line's text with something else; ``word`` if it lengthens it."""
-        if not _continues(piece[-1:]):
+        if not piece or not candidates.word_byte(piece[-1]):
             return None
         i = len(piece)
-        while i > 0 and _continues(piece[i - 1 : i]):
+        while i > 0 and candidates.word_byte(piece[i - 1]):
             i -= 1
-        if i == 0 and _continues(out[-1:]):
+        if i == 0 and out and candidates.word_byte(out[-1]):
             return word
         return _Word(ctx, len(out), len(out) + i, evidence)
-
-
-def _continues(piece: bytes) -> bool:
-    """Whether ``piece`` starts with a character that continues an identifier."""
-    return bool(piece) and (chr(piece[0]).isalnum() or piece[0] == ord("_")) and piece[0] < 0x80
 
 
 def _word(out: bytes, p: prompt.Prompt, ended: bool) -> str | None:

@@ -35,6 +35,11 @@ class Prompt:
     required: bytes  # the healed bytes the completion must start with
     typed: str  # the part of the current word left of the cursor
 
+    @property
+    def head(self) -> bytes:
+        """The healed bytes before the typed word: what every candidate name follows."""
+        return self.required[: len(self.required) - len(self.typed.encode("utf-8"))]
+
 
 def word_before(line_prefix: str) -> str:
     """The identifier characters immediately left of the cursor."""

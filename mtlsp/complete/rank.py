@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .candidates import word_byte
 from .decode import Context, Decoder, Evidence, check
 
 
@@ -51,7 +52,7 @@ class Ranker:
         tok = decoder.tok
         # tokens that would continue an identifier: they start with a word character (or a
         # non-ASCII byte, which in Python may be a letter)
-        cont = [bool(b) and (chr(b[0]).isalnum() or b[0] == ord("_") or b[0] >= 0x80) for b in tok.token_bytes]
+        cont = [bool(b) and (word_byte(b[0]) or b[0] >= 0x80) for b in tok.token_bytes]
         self._ends = ~torch.tensor(cont)
         self._cache: dict[tuple[bytes, str], list[int]] = {}
         self._last: tuple[Context, object, tuple, list[Ranked]] | None = None  # see ``score``
