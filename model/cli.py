@@ -86,7 +86,7 @@ def cmd_train(a: argparse.Namespace) -> None:
     model = loaded.model
     if a.heads:
         heads = tuple(tuple(int(x) for x in h.lstrip("L").split("H")) for h in a.heads.split(","))
-        model = _with_heads(loaded, heads)
+        model = _with_heads(loaded, heads, keep_trained=a.warm_start)
     cfg = TrainConfig(examples=a.examples, steps=a.steps, window=a.window, accumulate=a.accumulate, lr=a.lr,
                       project_min_tokens=a.project_min_tokens, max_projects=a.max_projects, ckpt_every=a.ckpt_every,
                       kl_weight=a.kl_weight)
@@ -113,6 +113,10 @@ def cmd_train(a: argparse.Namespace) -> None:
         recipe += f" + {cfg.kl_weight} x KL to the model with related chunks in its prompt (distillation)"
     info = {"training": {"recipe": recipe, "config": cfg.__dict__, "history": history,
                          "hardware": a.hardware}}
+    if a.heads and a.warm_start:
+        # the heads kept from the loaded weights carry that run's training: record it
+        info["training"]["warm_start"] = {"heads": [list(h) for h in loaded.config.memory_heads],
+                                          "training": loaded.info.get("training")}
     save_weights(model, out / "weights", base=_base_record(loaded), info=info)
     (out / "weights" / "corpus_manifest.json").write_text((out / "corpus_manifest.json").read_text())
     print(f"weights written to {out / 'weights'}")
@@ -131,14 +135,31 @@ def _base_record(loaded) -> dict:
     return record
 
 
-def _with_heads(loaded, heads):
-    """The same base with other memory heads (fresh, untrained memory parameters)."""
+def _with_heads(loaded, heads, keep_trained: bool = False):
+    """The same base with other memory heads.
+
+    Their memory parameters are fresh, or with ``keep_trained`` those of the loaded weights for
+    the heads both share (and the copy gate): adding heads to a trained set then costs a short
+    run instead of a whole one.
+    """
+    import torch
+
     from .model import MemorizingTransformer
 
     cfg = loaded.config.with_memory(memory_heads=heads)
     model = MemorizingTransformer(cfg)
     state = {k: v for k, v in loaded.model.state_dict().items() if not k.startswith("memory.")}
     model.load_state_dict(state, strict=False)
+    if keep_trained:
+        old = {h: i for i, h in enumerate(loaded.config.memory_heads)}
+        new_p, old_p = model.memory, loaded.model.memory
+        with torch.no_grad():
+            for i, h in enumerate(cfg.memory_heads):
+                if h in old:
+                    for name in ("bias", "down", "up"):
+                        if getattr(new_p, name) is not None and getattr(old_p, name) is not None:
+                            getattr(new_p, name)[i] = getattr(old_p, name)[old[h]]
+            new_p.copy_gate.copy_(old_p.copy_gate)
     return model.to(loaded.model.embed.weight.device).eval()
 
 
@@ -241,6 +262,8 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--no-default-exclude", action="store_true",
                    help=f"do not exclude the evaluation repositories {DEFAULT_EXCLUDE}")
     t.add_argument("--heads", help="memory heads, e.g. L17H3,L18H6 (default: those of the weights)")
+    t.add_argument("--warm-start", action="store_true",
+                   help="with --heads: start the heads the weights already have from their trained parameters")
     t.add_argument("--examples", type=int, default=2000)
     t.add_argument("--steps", type=int, default=2000)
     t.add_argument("--window", type=int, default=256)

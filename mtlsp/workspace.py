@@ -116,7 +116,8 @@ class Folder:
                                                       cache_root=settings.store_path)
         self.jedi = Jedi(self.root)
         self.recall = Recall(StoreMemory(self.store), self.line_of,
-                             Sources(self.names, self.jedi.names_at, ModuleNames(self.current_text)))
+                             Sources(self.names, self.jedi.names_at,
+                                     ModuleNames(self.current_text, self.indexer.gained)))
         self._buffer_names: dict[str, tuple[str, list[str]]] = {}  # rel -> (text, names it defines)
         self._disk_texts: dict[str, tuple[tuple[int, int], str | None]] = {}  # rel -> ((mtime, size), text)
         self.state = IndexState()

@@ -13,7 +13,7 @@ import torch
 from conftest import random_model, tiny_config
 
 from mtlsp.complete import completer as completer_module
-from mtlsp.complete.candidates import Sources
+from mtlsp.complete.candidates import ModuleNames, Sources
 from mtlsp.complete.completer import Completer, Recall, _Word
 from mtlsp.complete.decode import Decoder
 
@@ -204,3 +204,26 @@ def test_ghost_text_and_popup_at_one_keystroke_rank_the_names_once(completer):
     _, alone = completer.popup(B, PATH, text, len(text), recall)  # another document ranks for itself
     assert len(reads) == 2
     assert [(c.word, c.logprob) for c in listed] == [(c.word, c.logprob) for c in alone]
+
+
+def test_after_a_module_the_names_an_edit_added_a_moment_ago_lead(completer):
+    """After ``pricing.``, a name the module gained a moment ago (``Indexer.gained``) tops the
+    popup and starts the ghost text, even where the model ranks it last; the other names follow
+    in the model's order."""
+    module = "VAT = 1\nRATE = 2\n\ndef subtotal(x):\n    return x\n\n\ndef settle_orphaned_ribbons(x):\n    return x\n"
+    text = "from app import pricing\n\n\ndef report(lines):\n    total = pricing."
+    gained: set[str] = set()
+    modules = ModuleNames({"app/pricing.py": module, "app/__init__.py": ""}.get, lambda rel: gained)
+    recall = Recall(None, lambda path, offset: 0, Sources(lambda: [], modules=modules))
+    _, plain = completer.popup(A, "app/report.py", text, len(text), recall, items=8)
+    scores = completer._docs[A].listed.scored
+    last = min(scores, key=lambda n: scores[n][0])  # the name the model likes least
+    assert [c.word for c in plain][0] != last
+    gained.add(last)
+    _, listed = completer.popup(B, "app/report.py", text, len(text), recall, items=8)
+    words = [c.word for c in listed]
+    assert words[0] == last
+    rest = sorted((n for n in scores if n != last), key=lambda n: -scores[n][0])
+    assert words[1:] == [n for n in rest if n in words[1:]] and words[1] == rest[0]
+    inline = completer.inline(B, "app/report.py", text, len(text), recall, max_tokens=8)
+    assert (inline.text + " ").startswith(last) and not inline.text[len(last):len(last) + 1].isidentifier()

@@ -237,6 +237,32 @@ def test_defined_names_are_kept_with_their_chunks(tmp_path, encoder):
     assert "brand_new" in ix.store.names()["m.py"] and "method" in ix.store.names()["m.py"]
 
 
+def test_names_an_edit_adds_are_new_for_a_while(tmp_path, encoder, monkeypatch):
+    """``gained``: the top-level names an editor's edit added to a stored file, until they are
+    deleted or ``recent_s`` has passed; nothing for a file the memory did not hold, nor for
+    names the file had (or a method: not an attribute of the module)."""
+    root = tmp_path / "ws"
+    write(root, "m.py", PY)
+    ix = make_indexer(root, tmp_path / "store", encoder, recent_s=600)
+    ix.refresh()
+    assert ix.gained("m.py") == frozenset()
+    edited = PY + "\n\ndef brand_new(x):\n    return x\n\n\nclass Fresh:\n    def fresh_method(self):\n        pass\n"
+    ix.update_text("m.py", edited)
+    assert ix.gained("m.py") == {"brand_new", "Fresh"}
+    ix.update_text("m.py", edited.replace("return x", "return x + 1"))  # typing on in its body
+    assert ix.gained("m.py") == {"brand_new", "Fresh"}
+    ix.update_text("m.py", edited.replace("def brand_new", "def renamed_new"))  # a name stops existing
+    assert ix.gained("m.py") == {"renamed_new", "Fresh"}
+    ix.update_text("new.py", "def in_a_file_never_stored():\n    pass\n")
+    assert ix.gained("new.py") == frozenset()
+    clock = [1000.0]
+    monkeypatch.setattr("mtlsp.index.indexer.time.monotonic", lambda: clock[0])
+    ix.update_text("m.py", PY + "\n\ndef later_one():\n    pass\n")
+    assert ix.gained("m.py") == {"later_one"}
+    clock[0] += 601  # a moment is over
+    assert ix.gained("m.py") == frozenset()
+
+
 def test_unchanged_chunks_survive_a_restart(tmp_path, encoder):
     root = tmp_path / "ws"
     write(root, "m.py", PY)

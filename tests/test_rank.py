@@ -62,6 +62,18 @@ def test_after_a_workspace_module_only_its_names_count_as_its_buffer_defines_the
                                              len(text), "su", sources), text
 
 
+def test_names_a_module_gained_a_moment_ago_are_marked_first_where_they_match():
+    files = {"app/pricing.py": "VAT = 1\n\ndef subtotal(x):\n    pass\n\ndef summarize_quarterly_ledger(x):\n    pass\n",
+             "app/__init__.py": ""}
+    gained = {"app/pricing.py": {"summarize_quarterly_ledger", "VAT"}}
+    sources = candidates.Sources(names=lambda: ["summarize_quarterly_ledger"],
+                                 modules=candidates.ModuleNames(files.get, lambda rel: gained.get(rel, ())))
+    got = candidates.pool("app/report.py", SRC, len(SRC), "su", sources)
+    assert got == ["subtotal", "summarize_quarterly_ledger"] and got.first == {"summarize_quarterly_ledger"}
+    plain = "from app import pricing\nx = su"  # not after ``module.``: nothing leads
+    assert not candidates.pool("app/report.py", plain, len(plain), "su", sources).first
+
+
 def test_pool_takes_names_of_the_current_file_but_not_the_word_being_typed():
     text = "subtotal = 1\nsupplier = 2\nx = sup"
     got = candidates.pool("a.js", text, len(text), "sup", None)

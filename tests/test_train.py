@@ -12,7 +12,7 @@ import torch
 from mtlsp_model.cli import main as cli
 from mtlsp_model.train import TrainConfig, projects_of
 from mtlsp_model.corpus import build_documents
-from mtlsp_model.weights import load_weights
+from mtlsp_model.weights import load_weights, save_weights
 
 pytestmark = pytest.mark.slow  # training runs, end to end
 
@@ -114,3 +114,29 @@ def test_cli_reports_bad_weights_without_a_traceback(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     assert "config.json is not valid JSON" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_warm_start_adds_heads_and_keeps_the_trained_ones(tiny_base, tiny_weights, site, tmp_path):
+    """``--heads ... --warm-start``: the heads the weights have keep their parameters, a new head
+    on the same key/value head starts fresh, and the config records what the run started from."""
+    trained = load_weights(tiny_weights).model
+    with torch.no_grad():  # parameters no fresh head could have by chance
+        trained.memory.bias.copy_(torch.tensor([0.5, 1.5, 2.5]))
+        trained.memory.up.normal_()
+        trained.memory.copy_gate.fill_(0.25)
+    weights = save_weights(trained, tmp_path / "trained", base={"fingerprint": tiny_base.name, "path": str(tiny_base)})
+    run = tmp_path / "run"
+    cli(["train", "--weights", str(weights), "--out", str(run), "--root", str(site), "--examples", "8",
+         "--steps", "1", "--window", "64", "--accumulate", "1", "--lr", "0", "--project-min-tokens", "100",
+         "--heads", "L1H0,L1H1,L2H2,L2H3", "--warm-start"])
+    before, after = load_weights(weights), load_weights(run / "weights")
+    assert after.config.memory_heads == ((1, 0), (1, 1), (2, 2), (2, 3))
+    assert after.config.memory_kv_heads == before.config.memory_kv_heads  # no new storage
+    old, new = before.model.memory, after.model.memory
+    for i_new, i_old in ((0, 0), (1, 1), (3, 2)):
+        assert torch.equal(new.down[i_new], old.down[i_old]) and torch.equal(new.up[i_new], old.up[i_old])
+        assert new.bias[i_new] == old.bias[i_old]
+    assert torch.count_nonzero(new.up[2]) == 0 and new.bias[2] == after.config.mem_bias_init  # fresh
+    assert new.copy_gate == old.copy_gate
+    info = json.loads((run / "weights" / "config.json").read_text())["training"]
+    assert info["warm_start"]["heads"] == [[1, 0], [1, 1], [2, 3]]

@@ -15,7 +15,9 @@ is to rank them (``rank.py``).  The sources, in the order they are merged:
 After ``alias.`` where ``alias`` is a Python module of the workspace (bound by an import in the
 current file), the candidates are that module's top-level names only, read from its open buffer
 if it has one, else from disk: jedi does the same for saved files, but a function typed a moment
-ago in the module's unsaved buffer is also an attribute, and nothing else is.
+ago in the module's unsaved buffer is also an attribute, and nothing else is.  The names an edit
+added to that module a moment ago (``Indexer.gained``) are listed first: the model has never
+seen them after ``module.`` and finds them far less likely than the module's older names.
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ from __future__ import annotations
 import builtins
 import keyword
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
+from typing import NamedTuple
 
 from ..index.chunks import defined_names
 
@@ -78,17 +81,24 @@ def module_files(importer: str, dotted: str) -> list[str]:
     return [o[2:] if o.startswith("./") else o for o in out]
 
 
+class Module(NamedTuple):
+    names: list[str]  # its top-level names, then what it imports
+    gained: Collection[str]  # the names an edit added a moment ago
+
+
 @dataclass
 class ModuleNames:
     """Top-level names of the workspace's Python modules, as their current text defines them.
 
-    ``read(rel)`` returns a file's current text (its open buffer, else disk; None if absent).
-    Results are kept per text, so keystrokes in another file cost a dictionary lookup."""
+    ``read(rel)`` returns a file's current text (its open buffer, else disk; None if absent);
+    ``gained(rel)`` the names an edit added to it a moment ago (``Indexer.gained``).  Names are
+    kept per text, so keystrokes in another file cost a dictionary lookup."""
 
     read: Callable[[str], str | None]
+    gained: Callable[[str], Collection[str]] | None = None
     _cache: dict[str, tuple[str, list[str]]] = field(default_factory=dict)
 
-    def __call__(self, importer: str, dotted: str) -> list[str] | None:
+    def __call__(self, importer: str, dotted: str) -> Module | None:
         for rel in module_files(importer, dotted):
             text = self.read(rel)
             if text is None:
@@ -98,11 +108,11 @@ class ModuleNames:
                 names = [n for _, n in defined_names(rel, text.encode("utf-8"), depth=0)]
                 names += module_aliases(text)  # what it imports is an attribute too
                 cached = self._cache[rel] = (text, names)
-            return cached[1]
+            return Module(cached[1], self.gained(rel) if self.gained is not None else ())
         return None
 
 
-def attribute_module(path: str, text: str, word_start: int, modules: ModuleNames | None) -> list[str] | None:
+def attribute_module(path: str, text: str, word_start: int, modules: ModuleNames | None) -> Module | None:
     """The names of the workspace module before ``alias.`` at ``word_start``, or None where the
     expression is not one (``self.``, a library module, a file that is not Python)."""
     if modules is None or not path.endswith((".py", ".pyi")):
@@ -188,9 +198,11 @@ def respellings(word: str, path: str, text: str, sources: Sources | None, *, lon
 class Names(list):
     """Candidate names, best-informed sources first.  ``closed``: they are all there can be (the
     attributes of a workspace module), so the best of them may be taken however unlikely the
-    model finds it."""
+    model finds it.  ``first``: those an edit added to that module a moment ago, which go
+    before the others whatever the model thinks of them."""
 
     closed: bool = False
+    first: frozenset[str] = frozenset()
 
 
 def pool(path: str, text: str, cursor: int, typed: str, sources: Sources | None, limit: int = 4000) -> Names:
@@ -211,9 +223,10 @@ def pool(path: str, text: str, cursor: int, typed: str, sources: Sources | None,
     word_start = cursor - len(typed)
     module = attribute_module(path, text, word_start, sources.modules if sources is not None else None)
     if module is not None:
-        add(module)
+        add(module.names)
         names = Names(out)
         names.closed = True
+        names.first = frozenset(n for n in module.gained if n in out)
         return names
     if sources is not None:
         add(sources.names())

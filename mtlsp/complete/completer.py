@@ -18,7 +18,7 @@ import re
 import threading
 import time
 from collections import OrderedDict, defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -26,7 +26,7 @@ import torch
 
 from . import candidates, prompt, stops
 from .decode import Context, Decoder, Evidence, check, common_prefix, guess
-from .rank import Ranker
+from .rank import Ranked, Ranker
 from .retrieval import StoreMemory
 
 LineOf = Callable[[str, int], int]  # (path, byte offset) -> 1-based line
@@ -103,7 +103,7 @@ class _Listed:
     scored: Scored
     shown: dict[str, Candidate] = field(default_factory=dict)  # items already made (support computed)
 
-    def answer(self, typed: str, pool: Sequence[str], items: int, recall: Recall | None) -> list[Candidate] | None:
+    def answer(self, typed: str, pool: candidates.Names, items: int, recall: Recall | None) -> list[Candidate] | None:
         """The list for ``typed``, or None where the scores kept cannot tell (see above).
         ``pool``: the candidates now (empty where the list is the model's own beam)."""
         if not typed.startswith(self.typed):
@@ -114,7 +114,7 @@ class _Listed:
             names = [n for n in self.scored if n.startswith(typed) and n != typed]
         else:
             return None
-        return _best({n: self.scored[n] for n in names}, items, recall, self.shown) or None
+        return _best({n: self.scored[n] for n in names}, items, recall, self.shown, pool.first) or None
 
 
 @dataclass
@@ -217,11 +217,8 @@ class Completer:
         ahead: list[Context] = []  # contexts after guessed tokens (``_advance``)
         if spell:
             # the identifier at the cursor is spelled from a name that exists, if one is likely
-            floor = None if pool.closed else _NAME_FLOOR
-            best = self.ranker.rank(ctx, p.head, pool, memory, width=4, top=1, floor=floor, cancel=cancel) if pool else []
-            # after ``module.`` (a closed pool) a name typed a moment ago is new to the model's
-            # weights, so the best one is taken however unlikely the model finds it
-            if best and (pool.closed or best[0].logprob > _NAME_FLOOR):
+            best = self._name_at(ctx, p.head, pool, memory, cancel) if pool else []
+            if best:
                 ctx, out, named = best[0].read(), p.head + best[0].name.encode("utf-8"), True
                 evidence += best[0].trail()
                 written = out[len(p.required):].decode("utf-8", "ignore")
@@ -339,10 +336,23 @@ class Completer:
         if pool:  # the model ranks names that exist
             scored = {r.name: (r.logprob, r.trail) for r in self.ranker.score(
                 ctx, p.head, pool, memory, width=width, top=items, margin=_PLAUSIBLE, cancel=cancel)}
+            unscored = sorted(pool.first - scored.keys())  # a beam may not have reached them
+            if unscored:
+                scored.update((r.name, (r.logprob, r.trail)) for r in self.ranker.score(
+                    ctx, p.head, unscored, memory, width=width, top=len(unscored), cancel=cancel))
         else:  # nothing known to rank: the model's own beam
             scored = self._beam(ctx, p, memory, width=width, max_steps=max_steps, items=items, cancel=cancel)
         doc.listed = _Listed(p.ids, p.typed, frozenset(pool), scored)
-        return p.typed, _best(scored, items, recall, doc.listed.shown)
+        return p.typed, _best(scored, items, recall, doc.listed.shown, pool.first)
+
+    def _name_at(self, ctx: Context, head: bytes, pool: candidates.Names, memory, cancel) -> list[Ranked]:
+        """The existing name ghost text starts with, if one is likely enough: elsewhere above
+        ``_NAME_FLOOR``; after ``module.`` (a closed pool) the best one however unlikely, and
+        the best of those an edit added a moment ago (``pool.first``) before any other."""
+        if pool.first:
+            return self.ranker.rank(ctx, head, sorted(pool.first), memory, width=4, top=1, cancel=cancel)
+        floor = None if pool.closed else _NAME_FLOOR
+        return self.ranker.rank(ctx, head, pool, memory, width=4, top=1, floor=floor, cancel=cancel)
 
     def _beam(self, ctx: Context, p: prompt.Prompt, memory, *, width: int, max_steps: int, items: int,
               cancel) -> Scored:
@@ -405,12 +415,15 @@ class Completer:
         return ctx
 
 
-def _best(scored: Scored, items: int,
-          recall: Recall | None, made: dict[str, Candidate]) -> list[Candidate]:
+def _best(scored: Scored, items: int, recall: Recall | None, made: dict[str, Candidate],
+          first: Collection[str] = ()) -> list[Candidate]:
     """The ``items`` best-scored names, without the tail the model itself finds implausible next
-    to the best, as popup items with their support (``made``: items already built, reused)."""
-    best = sorted(scored.items(), key=lambda kv: -kv[1][0])[:items]
-    best = [(w, v) for w, v in best if v[0] > best[0][1][0] - _PLAUSIBLE]
+    to the best, as popup items with their support (``made``: items already built, reused).
+    Names in ``first`` (added to the module a moment ago) lead, best first, whatever their score."""
+    ranked = sorted(scored.items(), key=lambda kv: -kv[1][0])
+    rest = [(w, v) for w, v in ranked if w not in first]
+    rest = [(w, v) for w, v in rest if v[0] > rest[0][1][0] - _PLAUSIBLE]
+    best = ([(w, v) for w, v in ranked if w in first] + rest)[:items]
     out = []
     for w, (lp, trail) in best:
         if w not in made:

@@ -9,7 +9,8 @@ that candidate names are read from, as an open, unsaved buffer is in the server.
 first completion that hits (the server adds its debounce, 250 ms by default, in front).  The
 same prompts without memory are the control: a name the model never saw cannot come from its
 weights; the memory with the candidate names switched off (``memory_only``) shows what the
-memory does alone.  The module is put back as it was after each trial.
+memory does alone.  With the candidate names (memory and control alike), the new name is one
+the module gained a moment ago, so it leads after ``alias.`` (``Indexer.gained``).  The module is put back as it was after each trial.
 """
 
 from __future__ import annotations

@@ -153,7 +153,7 @@ def evaluate(root: Path, engine: Engine, options: Options, manifest: dict, progr
     memory = StoreMemory(store)
     lines = callsites.LineIndex(texts)
     names = Sources(lambda: [n for ns in store.names().values() for n in ns],
-                    Jedi(root).names_at if options.jedi else None, ModuleNames(texts.get))
+                    Jedi(root).names_at if options.jedi else None, ModuleNames(texts.get, indexer.gained))
     recall = Recall(memory, lines, names)
     without = Recall(None, lines, names)  # the same candidate names, no memory
     conditions = [callsites.Condition("memory", recall), callsites.Condition("memory_only", recall, names=False),

@@ -82,7 +82,9 @@ class Indexer:
         *,
         scan: ScanOptions | None = None,
         commit_tokens: int = 16_384,
+        recent_s: float = 600.0,
     ) -> None:
+        """``recent_s``: how long a name that an editor's edit added counts as new (``gained``)."""
         self.root = Path(root).resolve()
         self.store = store
         self.encoder = encoder
@@ -90,6 +92,8 @@ class Indexer:
         self.rules = Rules(self.root, self.scan)
         self.commit_tokens = commit_tokens
         self._lock = threading.Lock()  # one plan or commit at a time (the encoder is not reentrant)
+        self.recent_s = recent_s
+        self._gained: dict[str, dict[str, float]] = {}  # rel -> top-level name an edit added -> when
 
     # ------------------------------------------------------------------ whole folder
 
@@ -186,9 +190,38 @@ class Indexer:
                 return report
             plan = self._plan(rel, text.encode("utf-8"), report)
             if plan is not None:
+                before = self.store.names().get(rel)
                 self._commit([plan], report)
+                if before is not None:  # a file the memory held: what did the edit add?
+                    self._note_gained(rel, plan.data, before)
             report.seconds = time.monotonic() - t0
             return report
+
+    def gained(self, rel: str) -> frozenset[str]:
+        """The top-level names that editors' edits added to ``rel`` in the last ``recent_s``
+        seconds: functions typed a moment ago.  The model has never seen them written after
+        ``module.``, and a 135M model finds an unseen 8-token name 15-20 nats less likely than a
+        short name the module already had (``testapp`` over ``tally_orphaned_ribbons`` after
+        ``importerrorapp.t``), so completions after ``module.`` list them first."""
+        got = self._gained.get(rel)
+        if not got:
+            return frozenset()
+        now = time.monotonic()
+        return frozenset(n for n, t in list(got.items()) if now - t <= self.recent_s)
+
+    def _note_gained(self, rel: str, data: bytes, before: list[str]) -> None:
+        """Remember the top-level names ``data`` defines that the stored file did not (names
+        the file no longer defines, or that are older than ``recent_s``, are forgotten)."""
+        now = time.monotonic()
+        known = set(before)
+        top = {n for _, n in defined_names(rel, data, depth=0)}
+        got = self._gained.setdefault(rel, {})
+        for n in top - known:
+            got.setdefault(n, now)
+        for n in [n for n, t in got.items() if n not in top or now - t > self.recent_s]:
+            del got[n]
+        if not got:
+            del self._gained[rel]
 
     def relative(self, path: str | Path) -> str | None:
         """``path`` relative to the workspace, or None if it lies outside."""
