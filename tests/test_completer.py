@@ -220,10 +220,14 @@ def test_after_a_module_the_names_an_edit_added_a_moment_ago_lead(completer):
     last = min(scores, key=lambda n: scores[n][0])  # the name the model likes least
     assert [c.word for c in plain][0] != last
     gained.add(last)
+    reads = []
+    read_trie = completer.decoder.tree
+    completer.decoder.tree = lambda *a, **k: reads.append(1) or read_trie(*a, **k)
+    inline = completer.inline(B, "app/report.py", text, len(text), recall, max_tokens=8)
+    assert (inline.text + " ").startswith(last) and not inline.text[len(last):len(last) + 1].isidentifier()
     _, listed = completer.popup(B, "app/report.py", text, len(text), recall, items=8)
+    assert len(reads) == 1  # the popup took the ghost text's ranking of the same names
     words = [c.word for c in listed]
     assert words[0] == last
     rest = sorted((n for n in scores if n != last), key=lambda n: -scores[n][0])
     assert words[1:] == [n for n in rest if n in words[1:]] and words[1] == rest[0]
-    inline = completer.inline(B, "app/report.py", text, len(text), recall, max_tokens=8)
-    assert (inline.text + " ").startswith(last) and not inline.text[len(last):len(last) + 1].isidentifier()

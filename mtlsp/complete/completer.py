@@ -350,7 +350,10 @@ class Completer:
         ``_NAME_FLOOR``; after ``module.`` (a closed pool) the best one however unlikely, and
         the best of those an edit added a moment ago (``pool.first``) before any other."""
         if pool.first:
-            return self.ranker.rank(ctx, head, sorted(pool.first), memory, width=4, top=1, cancel=cancel)
+            # the whole pool, as the popup at this keystroke ranks it (one trie read serves both)
+            lead = [r for r in self.ranker.score(ctx, head, pool, memory, width=4, top=1, cancel=cancel)
+                    if r.name in pool.first]
+            return lead[:1] or self.ranker.rank(ctx, head, sorted(pool.first), memory, width=4, top=1, cancel=cancel)
         floor = None if pool.closed else _NAME_FLOOR
         return self.ranker.rank(ctx, head, pool, memory, width=4, top=1, floor=floor, cancel=cancel)
 
