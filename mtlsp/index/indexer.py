@@ -207,7 +207,8 @@ class Indexer:
         if not got:
             return frozenset()
         now = time.monotonic()
-        return frozenset(n for n, t in list(got.items()) if now - t <= self.recent_s)
+        # a copy: the indexing thread may be noting an edit meanwhile (dict.copy holds the GIL)
+        return frozenset(n for n, t in got.copy().items() if now - t <= self.recent_s)
 
     def _note_gained(self, rel: str, data: bytes, before: list[str]) -> None:
         """Remember the top-level names ``data`` defines that the stored file did not (names
