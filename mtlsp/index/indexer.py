@@ -190,10 +190,12 @@ class Indexer:
                 return report
             plan = self._plan(rel, text.encode("utf-8"), report)
             if plan is not None:
-                before = self.store.names().get(rel)
+                # the file's own stored record, not ``store.names()``: that map of every file is
+                # rebuilt at each generation, and every buffer write makes one
+                held = self.store.file_info(rel)
                 self._commit([plan], report)
-                if before is not None:  # a file the memory held: what did the edit add?
-                    self._note_gained(rel, plan.data, before)
+                if held is not None:  # a file the memory held: what did the edit add?
+                    self._note_gained(rel, plan.data, {n for c in held.chunks for n in c.names})
             report.seconds = time.monotonic() - t0
             return report
 
@@ -210,11 +212,10 @@ class Indexer:
         # a copy: the indexing thread may be noting an edit meanwhile (dict.copy holds the GIL)
         return frozenset(n for n, t in got.copy().items() if now - t <= self.recent_s)
 
-    def _note_gained(self, rel: str, data: bytes, before: list[str]) -> None:
+    def _note_gained(self, rel: str, data: bytes, known: set[str]) -> None:
         """Remember the top-level names ``data`` defines that the stored file did not (names
         the file no longer defines, or that are older than ``recent_s``, are forgotten)."""
         now = time.monotonic()
-        known = set(before)
         top = {n for _, n in defined_names(rel, data, depth=0)}
         got = self._gained.setdefault(rel, {})
         for n in top - known:
