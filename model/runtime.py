@@ -1,19 +1,26 @@
 """Where and in what precision the model runs.
 
 - **GPU**: bfloat16 throughout (half the memory traffic, tensor cores).
-- **CPU**: bfloat16 activations, and every linear layer (the output head included) holding its
-  weights twice: bfloat16 for reading many tokens at once (prompts, encoding: oneDNN's
-  bfloat16 matrix products, AVX-512 BF16 where the CPU has it) and int8 per output channel for
-  one or a few tokens (decoding: bound by memory traffic, so the weights' size is the cost).
-  Embeddings, norms and the memory heads' own parameters stay as they are.  Measured figures,
-  and the bits-per-token cost of each precision, are in ``docs/model.md``.  (Dynamic int8
-  quantization of the activations as well was measured too: it costs 64% more bits per token on
-  this base, whose activations have large outliers.)
+- **CPU**: every linear layer (the output head included) holds its weights twice: in the
+  *product precision* for reading many tokens at once (prompts, encoding, the candidate trie),
+  and in 4 bits (where the base's weights already are: ``CpuLinear``) or int8 per output channel
+  for one or a few tokens (decoding: bound by memory traffic, so the weights' size is the cost).  The product precision is bfloat16 where this CPU multiplies
+  bfloat16 faster than float32 (AVX-512 BF16, AMX), float32 elsewhere: measured once per
+  process, since on a CPU without bfloat16 arithmetic (AVX2 only) oneDNN emulates it and a
+  512-row bfloat16 product took 7.5x as long as float32.  Activations, embeddings, norms and the
+  memory heads' own parameters are in the product precision; attention is float32.  Measured
+  figures, and the bits-per-token cost of each precision, are in ``docs/model.md``.  (Dynamic
+  int8 quantization of the activations as well was measured too: it costs 64% more bits per
+  token on this base, whose activations have large outliers.)
 
 Training needs gradients through the frozen layers, so it uses the float32 model.
 """
 
 from __future__ import annotations
+
+import functools
+import os
+import time
 
 import torch
 import torch.nn.functional as F
@@ -22,28 +29,100 @@ from torch import Tensor, nn
 from .model import MemorizingTransformer
 
 FEW_ROWS = 16  # up to this many rows (tokens) a product uses the int8 weights
+PRECISION_ENV = "MTLSP_CPU_PRECISION"  # "bfloat16" or "float32" overrides the measurement
+_BF16_GAIN = 1.2  # bfloat16 products must be this much faster to be chosen
+
+
+@functools.cache
+def cpu_product_dtype() -> torch.dtype:
+    """The precision of this CPU's many-row matrix products: bfloat16 only where it is faster.
+
+    Measured rather than read off the CPU's flags, because what matters is whether the
+    installed torch has a fast kernel for it here: on the dev VM with AVX-512 BF16 bfloat16 was
+    about 1.7x faster than float32 for a prompt; on an AVX2-only EPYC it was 7.5x slower.  The
+    measurement is a decoder-sized product (256 x 576 by 576 x 1536), best of three: about 0.1 s
+    once per process.
+    """
+    forced = os.environ.get(PRECISION_ENV, "").strip().lower()
+    if forced in ("bfloat16", "bf16"):
+        return torch.bfloat16
+    if forced in ("float32", "fp32"):
+        return torch.float32
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(256, 576, generator=gen), torch.randn(1536, 576, generator=gen)
+    return torch.bfloat16 if _seconds(x.bfloat16(), w.bfloat16()) * _BF16_GAIN < _seconds(x, w) else torch.float32
+
+
+def _seconds(x: Tensor, w: Tensor) -> float:
+    F.linear(x, w)  # first call: kernel selection, allocation
+    best = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        F.linear(x, w)
+        best = min(best, time.perf_counter() - t)
+    return best
 
 
 class CpuLinear(nn.Module):
-    """A frozen linear layer for CPU inference: bfloat16 weights for many rows, int8 for few."""
+    """A frozen linear layer for CPU inference: ``dtype`` weights for many rows, 4 or 8 bits for few.
 
-    def __init__(self, linear: nn.Linear) -> None:
+    Few rows (decoding) are bound by reading the weights, so their size is the cost.  Where the
+    weights already lie on a 4-bit grid in groups of 32 along the input (the shipped base comes
+    from a Q4_1 GGUF: every block linear does), the int4 product reproduces them up to its
+    bfloat16 scales and takes half the traffic of int8: 120 decoder-sized products of one row
+    took 12 ms against 20 ms in int8 on an AVX2 EPYC.  Other weights (the embedding, another
+    base) get int8 per output channel.  Both kernels take bfloat16 activations (with float32
+    ones the int8 product was 5-30x slower), so few rows are converted to bfloat16 and back.
+    """
+
+    def __init__(self, linear: nn.Linear, dtype: torch.dtype) -> None:
         super().__init__()
         w = linear.weight.detach().float()
-        scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127
-        self.register_buffer("w16", w.to(torch.bfloat16))
-        self.register_buffer("w8", torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8))
-        self.register_buffer("scales", scales.to(torch.bfloat16))
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(torch.bfloat16))
+        self.register_buffer("w", w.to(dtype))
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(dtype))
+        # not buffers: ``model.to(dtype)`` must not cast them, the kernels want bfloat16 scales
+        grid = four_bit_grid(w)
+        if grid is not None:
+            q, scales_and_zeros = grid
+            self.register_buffer("w4", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
+            self.scales_and_zeros = scales_and_zeros.to(torch.bfloat16)
+        else:
+            scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127
+            self.register_buffer("w8", torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8))
+            self.scales = scales.to(torch.bfloat16)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x.to(torch.bfloat16)
+        x = x.to(self.w.dtype)
         rows = x.numel() // x.shape[-1]
-        if rows <= FEW_ROWS:
-            y = torch.ops.aten._weight_int8pack_mm(x.reshape(rows, -1), self.w8, self.scales)
-            y = y.view(*x.shape[:-1], -1)
-            return y if self.bias is None else y + self.bias
-        return F.linear(x, self.w16, self.bias)
+        if rows > FEW_ROWS:
+            return F.linear(x, self.w, self.bias)
+        flat = x.reshape(rows, -1).to(torch.bfloat16)
+        if hasattr(self, "w4"):
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.w4, GROUP, self.scales_and_zeros)
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(flat, self.w8, self.scales)
+        y = y.view(*x.shape[:-1], -1).to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+
+GROUP = 32  # the int4 product's group along the input: Q4_0/Q4_1's block
+
+
+def four_bit_grid(w: Tensor) -> tuple[Tensor, Tensor] | None:
+    """``w`` (out, in) as 4-bit levels q (int32) and per-group (scale, zero) such that
+    w = (q - 8) * scale + zero, in the layout of torch's int4 product; None unless that is exact
+    (to 1e-5 of the group's range): requantizing weights that were not 4-bit would cost bits."""
+    out, inp = w.shape
+    if inp % GROUP:
+        return None
+    g = w.view(out, inp // GROUP, GROUP)
+    low, high = g.amin(-1), g.amax(-1)
+    scale = ((high - low) / 15).clamp(min=1e-12)
+    q = torch.round((g - low[..., None]) / scale[..., None]).clamp(0, 15)
+    if ((q * scale[..., None] + low[..., None] - g).abs() > 1e-5 * (high - low)[..., None] + 1e-12).any():
+        return None
+    scales_and_zeros = torch.stack([scale.t(), (low + 8 * scale).t()], dim=-1).contiguous()  # (in/32, out, 2)
+    return q.view(out, inp).to(torch.int32), scales_and_zeros
 
 
 class CpuRMSNorm(nn.Module):
@@ -61,8 +140,12 @@ class CpuRMSNorm(nn.Module):
         return (xf * scale).mul_(self.weight).to(x.dtype)
 
 
-def for_inference(model: MemorizingTransformer, device: torch.device) -> MemorizingTransformer:
-    """``model`` (float32, on the CPU) made ready to serve on ``device``; changes it in place."""
+def for_inference(model: MemorizingTransformer, device: torch.device,
+                  dtype: torch.dtype | None = None) -> MemorizingTransformer:
+    """``model`` (float32, on the CPU) made ready to serve on ``device``; changes it in place.
+
+    ``dtype`` is the CPU's product precision (default: ``cpu_product_dtype()``).
+    """
     model.eval()
     for block in model.blocks:  # q/k/v and gate/up as one product each
         block.attn.fuse()
@@ -73,14 +156,16 @@ def for_inference(model: MemorizingTransformer, device: torch.device) -> Memoriz
         head = nn.Linear(model.cfg.d_model, model.cfg.vocab_size, bias=False)
         head.weight = model.embed.weight
         model.lm_head = head
-    model.lm_head = CpuLinear(model.lm_head)
+    dtype = dtype or cpu_product_dtype()
+    model.lm_head = CpuLinear(model.lm_head, dtype)
     for block in model.blocks:
         for parent in (block.attn, block.mlp):
             for name, child in list(parent.named_children()):
                 if isinstance(child, nn.Linear):
-                    setattr(parent, name, CpuLinear(child))
+                    setattr(parent, name, CpuLinear(child, dtype))
         block.ln1, block.ln2 = CpuRMSNorm(block.ln1), CpuRMSNorm(block.ln2)
     model.norm = CpuRMSNorm(model.norm)
-    model.to(torch.bfloat16)  # embeddings, norms, memory parameters; the int8 buffers stay int8
+    # embeddings, norms, memory parameters; the int8 buffers stay int8
+    model.to(dtype)
     model.attention_dtype = torch.float32
     return model

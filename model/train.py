@@ -41,6 +41,7 @@ from .evaluate import stuffing
 from .memory import TensorMemory
 from .model import MemorizingTransformer
 from .projects import SourceFile, cross_file_mask, defined_names, encode_memory, tokenize_files, top_level_chunks
+from .runtime import cpu_product_dtype
 from .tokenizer import Tokenizer
 
 
@@ -221,7 +222,8 @@ class Trainer:
         scalars = [p for p in self.params if p.dim() <= 1]
         matrices = [p for p in self.params if p.dim() > 1]
         self.opt = torch.optim.Adam([{"params": matrices, "scale": 1.0}, {"params": scalars, "scale": 10.0}], lr=cfg.lr)
-        self.autocast = model.embed.weight.device.type == "cpu"  # bfloat16 products: 2 cores go further
+        # bfloat16 products where this CPU has fast ones (2 cores go further); float32 elsewhere
+        self.autocast = model.embed.weight.device.type == "cpu" and cpu_product_dtype() == torch.bfloat16
         self.step = 0
         self.history: list[dict] = []
         self.ckpt = run / "checkpoint.pt"

@@ -258,3 +258,55 @@ def test_the_cpu_runtime_norm_computes_what_rmsnorm_does():
     fast = CpuRMSNorm(norm)(x.bfloat16())
     assert fast.dtype == torch.bfloat16
     torch.testing.assert_close(fast.float(), norm(x.bfloat16().float()), atol=0.1, rtol=0.02)
+
+
+def snapped_to_four_bits(model: MemorizingTransformer) -> MemorizingTransformer:
+    """``model`` with every block linear's weights on a 4-bit grid per group of 32 (as a Q4_1
+    base's are)."""
+    for block in model.blocks:
+        for lin in [m for m in block.modules() if isinstance(m, torch.nn.Linear)]:
+            w = lin.weight.detach()
+            g = w.view(w.shape[0], -1, 32)
+            low, step = g.amin(-1, keepdim=True), (g.amax(-1, keepdim=True) - g.amin(-1, keepdim=True)) / 15
+            with torch.no_grad():
+                lin.weight.copy_((torch.round((g - low) / step) * step + low).view_as(w))
+    return model
+
+
+@pytest.mark.parametrize("four_bits", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_cpu_runtime_reads_prompts_and_decodes_in_either_product_precision(tok, dtype, four_bits):
+    """Many rows go through ``dtype`` weights, few through 4-bit (weights on a 4-bit grid) or
+    int8 ones; all stay close to float32."""
+    import copy
+
+    from mtlsp_model.runtime import FEW_ROWS, CpuLinear, for_inference
+
+    model = random_model(tiny_config(tok.vocab_size), seed=1)  # inputs of 32 and 64: whole groups
+    if four_bits:
+        snapped_to_four_bits(model)
+    ids = ids_of(tok, SRC * 3)
+    assert ids.shape[1] > FEW_ROWS  # the prompt takes the many-row path, its last tokens the int8 one
+    exact = model(ids).logits.float()
+    fast = for_inference(copy.deepcopy(model), torch.device("cpu"), dtype)
+    prompt = fast(ids).logits.float()
+    tail = fast(ids[:, -FEW_ROWS:]).logits.float()  # read alone: a short context, through int8 weights
+    assert fast.embed.weight.dtype == dtype
+    packed = [hasattr(m, "w4") for m in fast.blocks.modules() if isinstance(m, CpuLinear)]
+    assert packed and all(p == four_bits for p in packed)
+    assert not hasattr(fast.lm_head, "w4")  # the random embedding is not on a grid: int8
+    torch.testing.assert_close(prompt, exact, atol=0.1 if dtype == torch.bfloat16 else 1e-4, rtol=0.05)
+    torch.testing.assert_close(tail, model(ids[:, -FEW_ROWS:]).logits.float(), atol=0.15, rtol=0.05)
+
+
+def test_the_cpu_product_precision_can_be_forced(monkeypatch):
+    from mtlsp_model import runtime
+
+    for value, want in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        monkeypatch.setenv(runtime.PRECISION_ENV, value)
+        runtime.cpu_product_dtype.cache_clear()
+        assert runtime.cpu_product_dtype() == want
+    monkeypatch.delenv(runtime.PRECISION_ENV)
+    runtime.cpu_product_dtype.cache_clear()
+    assert runtime.cpu_product_dtype() in (torch.float32, torch.bfloat16)  # measured on this CPU
+    runtime.cpu_product_dtype.cache_clear()
