@@ -1,13 +1,14 @@
-"""The CPU runtime in each product precision, on this machine: which one should it choose?
+"""The CPU runtime's precisions, on this machine: which should it choose?
 
 ``model/runtime.py`` picks bfloat16 for many-row matrix products only where this CPU computes
-them faster than float32 (measured once per process).  This script measures what that choice
-is worth for the product's own work, both precisions in one process, alternating rounds:
+them faster than float32 (measured once per process), and decodes through 4-bit weights where
+the base's weights lie on a 4-bit grid (int8 elsewhere).  This script measures what those
+choices are worth for the product's own work, three variants in one process, alternating
+rounds (float32 or bfloat16 products; 4-bit or int8 decoding weights):
 
 - encoding chunks of a repository into memory entries (``Encoder``, as the indexer runs it);
 - reading a 384-token prompt (no memory, nothing reused);
-- one decoding step at that context (int8 weights in both: the precision changes only the
-  activations around them).
+- one decoding step at that context.
 
     python benchmarks/cpu_precision.py --repo /work/evalrepos/flask --out /tmp/cpu_precision.json
 """
@@ -56,9 +57,12 @@ def prompts_of(tok, root: Path, n: int, length: int) -> list[list[int]]:
 
 
 def one_round(encoder: Encoder, decoder: Decoder, jobs: list, prompts: list[list[int]], steps: int) -> dict:
-    t = time.perf_counter()
-    encoder.encode(jobs)
-    encode_s = time.perf_counter() - t
+    """Encoding is skipped (None) for an int8-decoding variant: many rows never use those weights."""
+    encode_rate = None
+    if jobs:
+        t = time.perf_counter()
+        encoder.encode(jobs)
+        encode_rate = sum(len(j.ids) for j in jobs) / (time.perf_counter() - t)
     prefill, step = [], []
     for ids in prompts:
         t = time.perf_counter()
@@ -68,7 +72,7 @@ def one_round(encoder: Encoder, decoder: Decoder, jobs: list, prompts: list[list
             t = time.perf_counter()
             ctx = decoder.step([ctx], [int(ctx.logits.argmax())], None)[0]
             step.append(time.perf_counter() - t)
-    return {"encode_tokens_per_s": sum(len(j.ids) for j in jobs) / encode_s,
+    return {"encode_tokens_per_s": encode_rate,
             "prefill_ms": 1e3 * statistics.median(prefill), "step_ms": 1e3 * statistics.median(step)}
 
 
@@ -83,19 +87,20 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     engines = {}
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype, four_bits in ((torch.float32, True), (torch.float32, False), (torch.bfloat16, True)):
         loaded = load_weights(None)
-        for_inference(loaded.model, torch.device("cpu"), dtype)
+        for_inference(loaded.model, torch.device("cpu"), dtype, four_bits)
         encoder = Encoder(loaded.model, loaded.tokenizer)
         encoder.warm_up()
-        engines[str(dtype).removeprefix("torch.")] = (encoder, Decoder(loaded.model, loaded.tokenizer))
+        name = str(dtype).removeprefix("torch.") + (" + 4-bit decoding" if four_bits else " + int8 decoding")
+        engines[name] = (encoder, Decoder(loaded.model, loaded.tokenizer))
     tok = loaded.tokenizer
     jobs = jobs_of(encoder, a.repo, a.encode_tokens)
     prompts = prompts_of(tok, a.repo, a.prompts, 384)
     rounds: dict[str, list[dict]] = {name: [] for name in engines}
     for r in range(a.rounds):
         for name, (enc, dec) in engines.items():
-            rounds[name].append(one_round(enc, dec, jobs, prompts, a.steps))
+            rounds[name].append(one_round(enc, dec, [] if "int8" in name else jobs, prompts, a.steps))
             print(r, name, json.dumps(rounds[name][-1]), flush=True)
     result = {"machine": f"{platform.node()}, {os.cpu_count()} cores, {platform.processor() or platform.machine()}, "
                          f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}",
@@ -103,7 +108,8 @@ def main() -> None:
               "command": f"python benchmarks/cpu_precision.py --repo {a.repo}",
               "chosen": str(cpu_product_dtype()).removeprefix("torch."),
               "encode_tokens": sum(len(j.ids) for j in jobs),
-              "median": {name: {k: statistics.median(x[k] for x in rs) for k in rs[0]} for name, rs in rounds.items()},
+              "median": {name: {k: statistics.median(x[k] for x in rs) if rs[0][k] is not None else None for k in rs[0]}
+                         for name, rs in rounds.items()},
               "rounds": rounds}
     a.out.write_text(json.dumps(result, indent=2))
     print(json.dumps({k: result[k] for k in ("chosen", "median")}, indent=2))

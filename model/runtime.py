@@ -75,13 +75,13 @@ class CpuLinear(nn.Module):
     ones the int8 product was 5-30x slower), so few rows are converted to bfloat16 and back.
     """
 
-    def __init__(self, linear: nn.Linear, dtype: torch.dtype) -> None:
+    def __init__(self, linear: nn.Linear, dtype: torch.dtype, four_bits: bool = True) -> None:
         super().__init__()
         w = linear.weight.detach().float()
         self.register_buffer("w", w.to(dtype))
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(dtype))
         # not buffers: ``model.to(dtype)`` must not cast them, the kernels want bfloat16 scales
-        grid = four_bit_grid(w)
+        grid = four_bit_grid(w) if four_bits else None
         if grid is not None:
             q, scales_and_zeros = grid
             self.register_buffer("w4", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
@@ -141,10 +141,11 @@ class CpuRMSNorm(nn.Module):
 
 
 def for_inference(model: MemorizingTransformer, device: torch.device,
-                  dtype: torch.dtype | None = None) -> MemorizingTransformer:
+                  dtype: torch.dtype | None = None, four_bits: bool = True) -> MemorizingTransformer:
     """``model`` (float32, on the CPU) made ready to serve on ``device``; changes it in place.
 
-    ``dtype`` is the CPU's product precision (default: ``cpu_product_dtype()``).
+    ``dtype`` is the CPU's product precision (default: ``cpu_product_dtype()``); ``four_bits``
+    False keeps decoding in int8 even where the weights lie on a 4-bit grid (for comparison).
     """
     model.eval()
     for block in model.blocks:  # q/k/v and gate/up as one product each
@@ -157,12 +158,12 @@ def for_inference(model: MemorizingTransformer, device: torch.device,
         head.weight = model.embed.weight
         model.lm_head = head
     dtype = dtype or cpu_product_dtype()
-    model.lm_head = CpuLinear(model.lm_head, dtype)
+    model.lm_head = CpuLinear(model.lm_head, dtype, four_bits)
     for block in model.blocks:
         for parent in (block.attn, block.mlp):
             for name, child in list(parent.named_children()):
                 if isinstance(child, nn.Linear):
-                    setattr(parent, name, CpuLinear(child, dtype))
+                    setattr(parent, name, CpuLinear(child, dtype, four_bits))
         block.ln1, block.ln2 = CpuRMSNorm(block.ln1), CpuRMSNorm(block.ln2)
     model.norm = CpuRMSNorm(model.norm)
     # embeddings, norms, memory parameters; the int8 buffers stay int8
