@@ -99,12 +99,13 @@ def test_the_memory_makes_a_function_typed_elsewhere_likely(shipped):
     assert with_memory > without + 4
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_serving_precision_costs_under_one_percent(shipped, dtype):
-    """The CPU runtime (``dtype`` products, int8 weights for decoding) against float32: both
-    product precisions, whichever this CPU would choose."""
+def test_serving_precision_costs_under_one_percent(shipped):
+    """The CPU runtime as this CPU serves (its product precision; 4-bit weights for decoding,
+    int8 for the output layer) against float32.  Both product precisions, 4-bit and int8, are
+    checked on the tiny model in ``tests/test_model.py``; here the one chosen, since the other
+    can be 5x slower on this CPU."""
     tok = shipped.tokenizer
-    fast = for_inference(load_weights().model, torch.device("cpu"), dtype)
+    fast = for_inference(load_weights().model, torch.device("cpu"))
     f = tokenize_files(tok, [("mtlsp/lsp/server.py", (REPO / "mtlsp" / "lsp" / "server.py").read_text()[:6000])])[0]
     exact = np.nansum(score_file(shipped.model, f, None))
     served = np.nansum(score_file(fast, f, None))
