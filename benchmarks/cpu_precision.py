@@ -24,56 +24,24 @@ import time
 from pathlib import Path
 
 import torch
+from model_speed import encode_jobs, prompts, timings  # this folder's own: run as a script
 from mtlsp_model.runtime import cpu_product_dtype, for_inference
 from mtlsp_model.weights import load_weights
 
 from mtlsp.complete.decode import Decoder
-from mtlsp.index.chunks import chunk_file
-from mtlsp.index.encode import Encoder, chunk_hashes, preamble
+from mtlsp.index.encode import Encoder
 
 
-def jobs_of(encoder: Encoder, root: Path, budget: int) -> list:
-    jobs = []
-    for f in sorted(p for p in root.rglob("*.py") if ".git" not in p.parts):
-        rel = f.relative_to(root).as_posix()
-        data = f.read_bytes()
-        chunks = chunk_file(rel, data)
-        pre = preamble(data, chunks)
-        jobs += [encoder.job(rel, data, c, h, pre) for c, h in zip(chunks, chunk_hashes(rel, data, chunks))]
-        if sum(len(j.ids) for j in jobs) >= budget:
-            return jobs
-    return jobs
-
-
-def prompts_of(tok, root: Path, n: int, length: int) -> list[list[int]]:
-    out = []
-    for f in sorted(p for p in root.rglob("*.py") if ".git" not in p.parts):
-        ids = tok.encode(f.read_text())
-        if len(ids) > length:
-            out.append(tok.file_header(f.relative_to(root).as_posix()) + ids[:length])
-        if len(out) == n:
-            break
-    return out
-
-
-def one_round(encoder: Encoder, decoder: Decoder, jobs: list, prompts: list[list[int]], steps: int) -> dict:
+def one_round(encoder: Encoder, decoder: Decoder, jobs: list, batch: list[list[int]], steps: int) -> dict:
     """Encoding is skipped (None) for an int8-decoding variant: many rows never use those weights."""
     encode_rate = None
     if jobs:
         t = time.perf_counter()
         encoder.encode(jobs)
         encode_rate = sum(len(j.ids) for j in jobs) / (time.perf_counter() - t)
-    prefill, step = [], []
-    for ids in prompts:
-        t = time.perf_counter()
-        ctx = decoder.prefill(ids, None)
-        prefill.append(time.perf_counter() - t)
-        for _ in range(steps):
-            t = time.perf_counter()
-            ctx = decoder.step([ctx], [int(ctx.logits.argmax())], None)[0]
-            step.append(time.perf_counter() - t)
-    return {"encode_tokens_per_s": encode_rate,
-            "prefill_ms": 1e3 * statistics.median(prefill), "step_ms": 1e3 * statistics.median(step)}
+    timed = timings(decoder, None, batch, steps)
+    return {"encode_tokens_per_s": encode_rate, "prefill_ms": timed["prefill_ms"]["median"],
+            "step_ms": timed["step_ms"]["median"]}
 
 
 def main() -> None:
@@ -94,13 +62,13 @@ def main() -> None:
         encoder.warm_up()
         name = str(dtype).removeprefix("torch.") + (" + 4-bit decoding" if four_bits else " + int8 decoding")
         engines[name] = (encoder, Decoder(loaded.model, loaded.tokenizer))
-    tok = loaded.tokenizer
-    jobs = jobs_of(encoder, a.repo, a.encode_tokens)
-    prompts = prompts_of(tok, a.repo, a.prompts, 384)
+    files = sorted(p for p in a.repo.rglob("*.py") if ".git" not in p.parts)
+    jobs = encode_jobs(encoder, a.repo, files, a.encode_tokens)
+    batch = prompts(loaded.tokenizer, a.repo, files, a.prompts, 384, seed=0)
     rounds: dict[str, list[dict]] = {name: [] for name in engines}
     for r in range(a.rounds):
         for name, (enc, dec) in engines.items():
-            rounds[name].append(one_round(enc, dec, [] if "int8" in name else jobs, prompts, a.steps))
+            rounds[name].append(one_round(enc, dec, [] if "int8" in name else jobs, batch, a.steps))
             print(r, name, json.dumps(rounds[name][-1]), flush=True)
     result = {"machine": f"{platform.node()}, {os.cpu_count()} cores, {platform.processor() or platform.machine()}, "
                          f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}",

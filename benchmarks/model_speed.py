@@ -27,12 +27,13 @@ import numpy as np
 import torch
 from mtlsp_model.evaluate import score_file
 from mtlsp_model.projects import SourceFile
+from mtlsp_model.tokenizer import Tokenizer
 from mtlsp_model.weights import load_weights
 
 from mtlsp.complete.decode import Decoder
 from mtlsp.complete.retrieval import StoreMemory
 from mtlsp.index.chunks import chunk_file
-from mtlsp.index.encode import chunk_hashes, preamble
+from mtlsp.index.encode import Encoder, Job, chunk_hashes, preamble
 from mtlsp.workspace import Engine
 
 
@@ -40,16 +41,22 @@ def median_ms(xs: list[float]) -> float:
     return 1e3 * statistics.median(xs)
 
 
-def encode_rate(engine: Engine, root: Path, files: list[Path], budget: int) -> dict:
+def encode_jobs(encoder: Encoder, root: Path, files: list[Path], budget: int) -> list[Job]:
+    """The indexer's jobs for ``files``, in order, until they hold ``budget`` tokens."""
     jobs = []
     for f in files:
         rel = f.relative_to(root).as_posix()
         data = f.read_bytes()
         chunks = chunk_file(rel, data)
         pre = preamble(data, chunks)
-        jobs += [engine.encoder.job(rel, data, c, h, pre) for c, h in zip(chunks, chunk_hashes(rel, data, chunks))]
+        jobs += [encoder.job(rel, data, c, h, pre) for c, h in zip(chunks, chunk_hashes(rel, data, chunks))]
         if sum(len(j.ids) for j in jobs) >= budget:
             break
+    return jobs
+
+
+def encode_rate(engine: Engine, root: Path, files: list[Path], budget: int) -> dict:
+    jobs = encode_jobs(engine.encoder, root, files, budget)
     engine.encoder.encode(jobs[:4])  # warm-up
     t = time.perf_counter()
     engine.encoder.encode(jobs)
@@ -58,8 +65,8 @@ def encode_rate(engine: Engine, root: Path, files: list[Path], budget: int) -> d
     return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
 
 
-def prompts(engine: Engine, root: Path, files: list[Path], n: int, length: int, seed: int) -> list[list[int]]:
-    tok = engine.loaded.tokenizer
+def prompts(tok: Tokenizer, root: Path, files: list[Path], n: int, length: int, seed: int) -> list[list[int]]:
+    """``n`` windows of ``length`` tokens from random places of ``files``, after their header."""
     rng = random.Random(seed)
     out = []
     while len(out) < n:
@@ -134,7 +141,7 @@ def main() -> None:
                             "ann": stats["ann"]}
         print(json.dumps(result["memory"]), flush=True)
         memory = StoreMemory(store)
-        batch = prompts(engine, a.repo, files, a.prompts, 384, seed=0)
+        batch = prompts(engine.loaded.tokenizer, a.repo, files, a.prompts, 384, seed=0)
         timings(engine.decoder, memory, batch[:2], 2)  # warm-up
         result["with_memory"] = timings(engine.decoder, memory, batch, a.steps)
         result["without_memory"] = timings(engine.decoder, None, batch, a.steps)

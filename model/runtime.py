@@ -4,14 +4,15 @@
 - **CPU**: every linear layer (the output head included) holds its weights twice: in the
   *product precision* for reading many tokens at once (prompts, encoding, the candidate trie),
   and in 4 bits (where the base's weights already are: ``CpuLinear``) or int8 per output channel
-  for one or a few tokens (decoding: bound by memory traffic, so the weights' size is the cost).  The product precision is bfloat16 where this CPU multiplies
-  bfloat16 faster than float32 (AVX-512 BF16, AMX), float32 elsewhere: measured once per
-  process, since on a CPU without bfloat16 arithmetic (AVX2 only) oneDNN emulates it and a
-  512-row bfloat16 product took 7.5x as long as float32.  Activations, embeddings, norms and the
-  memory heads' own parameters are in the product precision; attention is float32.  Measured
-  figures, and the bits-per-token cost of each precision, are in ``docs/model.md``.  (Dynamic
-  int8 quantization of the activations as well was measured too: it costs 64% more bits per
-  token on this base, whose activations have large outliers.)
+  for one or a few tokens (decoding: bound by memory traffic, so the weights' size is the cost).
+  The product precision is bfloat16 where this CPU multiplies bfloat16 faster than float32
+  (AVX-512 BF16, AMX), float32 elsewhere: measured once per process, since on a CPU without
+  bfloat16 arithmetic (AVX2 only) oneDNN emulates it and a 512-row bfloat16 product took 7.5x as
+  long as float32.  Activations, embeddings, norms and the memory heads' own parameters are in
+  the product precision; attention is float32.  Measured figures, and the bits-per-token cost of
+  each precision, are in ``docs/model.md``.  (Dynamic int8 quantization of the activations as
+  well was measured too: it costs 64% more bits per token on this base, whose activations have
+  large outliers.)
 
 Training needs gradients through the frozen layers, so it uses the float32 model.
 """
@@ -28,7 +29,7 @@ from torch import Tensor, nn
 
 from .model import MemorizingTransformer
 
-FEW_ROWS = 16  # up to this many rows (tokens) a product uses the int8 weights
+FEW_ROWS = 16  # up to this many rows (tokens) a product uses the 4-bit or int8 weights
 PRECISION_ENV = "MTLSP_CPU_PRECISION"  # "bfloat16" or "float32" overrides the measurement
 _BF16_GAIN = 1.2  # bfloat16 products must be this much faster to be chosen
 
@@ -40,8 +41,8 @@ def cpu_product_dtype() -> torch.dtype:
     Measured rather than read off the CPU's flags, because what matters is whether the
     installed torch has a fast kernel for it here: on the dev VM with AVX-512 BF16 bfloat16 was
     about 1.7x faster than float32 for a prompt; on an AVX2-only EPYC it was 7.5x slower.  The
-    measurement is a decoder-sized product (256 x 576 by 576 x 1536), best of three: about 0.1 s
-    once per process.
+    measurement is a decoder-sized product (256 x 576 by 576 x 1536), best of three: 0.16 s once
+    per process on the AVX2 EPYC.
     """
     forced = os.environ.get(PRECISION_ENV, "").strip().lower()
     if forced in ("bfloat16", "bf16"):
@@ -82,6 +83,7 @@ class CpuLinear(nn.Module):
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(dtype))
         # not buffers: ``model.to(dtype)`` must not cast them, the kernels want bfloat16 scales
         grid = four_bit_grid(w) if four_bits else None
+        self.packed4 = grid is not None  # decided once: the decoding step asks 121 times
         if grid is not None:
             q, scales_and_zeros = grid
             self.register_buffer("w4", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
@@ -97,7 +99,7 @@ class CpuLinear(nn.Module):
         if rows > FEW_ROWS:
             return F.linear(x, self.w, self.bias)
         flat = x.reshape(rows, -1).to(torch.bfloat16)
-        if hasattr(self, "w4"):
+        if self.packed4:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.w4, GROUP, self.scales_and_zeros)
         else:
             y = torch.ops.aten._weight_int8pack_mm(flat, self.w8, self.scales)
@@ -172,7 +174,6 @@ def for_inference(model: MemorizingTransformer, device: torch.device,
                     setattr(parent, name, CpuLinear(child, dtype, four_bits))
         block.ln1, block.ln2 = CpuRMSNorm(block.ln1), CpuRMSNorm(block.ln2)
     model.norm = CpuRMSNorm(model.norm)
-    # embeddings, norms, memory parameters; the int8 buffers stay int8
-    model.to(dtype)
+    model.to(dtype)  # embeddings, norms, memory parameters; the 4-bit and int8 buffers stay integers
     model.attention_dtype = torch.float32
     return model
