@@ -24,9 +24,11 @@ from ..complete.candidates import ModuleNames, Sources
 from ..complete.completer import Completer, Recall
 from ..complete.retrieval import StoreMemory
 from ..complete.static import Jedi
+from ..index.indexer import Indexer
 from ..index.scan import ScanOptions, read_text, walk
 from ..lsp.settings import Settings
 from ..store.files import default_cache_root
+from ..store.memory_store import MemoryStore
 from ..workspace import Engine
 from . import bits, callsites, fresh, metrics
 from .bm25 import BM25, query_before
@@ -112,6 +114,17 @@ def _calibrate_stuffing(engine: Engine, completer: Completer, memory: StoreMemor
     return {"tokens": chosen, "memory_prefill_ms": budget_ms, "stuffed_prefill_ms": measured}
 
 
+def recalls(root: Path, store: MemoryStore, indexer: Indexer, texts: dict[str, str],
+            jedi: bool) -> tuple[StoreMemory, callsites.LineIndex, Recall, Recall]:
+    """The store as the model reads it, lines of ``texts`` for provenance, and the two views
+    the conditions compare: the server's (memory and candidate names, jedi's too where
+    ``jedi``), and the same candidate names without the memory."""
+    names = Sources(lambda: [n for ns in store.names().values() for n in ns],
+                    Jedi(root).names_at if jedi else None, ModuleNames(texts.get, indexer.gained))
+    memory, lines = StoreMemory(store), callsites.LineIndex(texts)
+    return memory, lines, Recall(memory, lines, names), Recall(None, lines, names)
+
+
 def evaluate(root: Path, engine: Engine, options: Options, manifest: dict, progress: Progress) -> dict:
     root = root.resolve()
     refuse_trained_on(root, manifest)
@@ -150,12 +163,7 @@ def evaluate(root: Path, engine: Engine, options: Options, manifest: dict, progr
     all_sites = find_sites({p: texts[p] for p in py})
     sites = sample(all_sites, options.limit, options.seed)
     completer = engine.completer(_SERVER.context_tokens)
-    memory = StoreMemory(store)
-    lines = callsites.LineIndex(texts)
-    names = Sources(lambda: [n for ns in store.names().values() for n in ns],
-                    Jedi(root).names_at if options.jedi else None, ModuleNames(texts.get, indexer.gained))
-    recall = Recall(memory, lines, names)
-    without = Recall(None, lines, names)  # the same candidate names, no memory
+    memory, lines, recall, without = recalls(root, store, indexer, texts, options.jedi)
     conditions = [callsites.Condition("memory", recall), callsites.Condition("memory_only", recall, names=False),
                   callsites.Condition("none", without)]
     stuffing_info = None

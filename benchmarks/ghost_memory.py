@@ -1,0 +1,103 @@
+"""Ghost text at cross-file call sites with and without the memory, on more sites than ``mtlsp eval``.
+
+``mtlsp eval`` scores 40 sites per repository under four conditions and three typed counts; at
+that size one site is 2.5 points, so a gap of two sites between the memory and no memory says
+little.  This script asks only for ghost text at 0 typed characters, under:
+
+- ``none``: the server's candidate names, no memory (``mtlsp eval``'s *none*);
+- ``memory``: the server (``mtlsp eval``'s *memory*);
+- ``nocopy``: the memory with the kNN copy switched off (copy gate closed), to see whether
+  copying tokens from the memory is what changes the line.
+
+Sites are sampled with their own seed, so they are not ``mtlsp eval``'s 40.  The memory is the
+evaluation store ``mtlsp eval --cache-dir DIR`` builds (built here if missing), the calling
+file hidden as there.
+
+    python benchmarks/ghost_memory.py --repo /work/evalrepos/flask --sites 160 \\
+        --cache-dir /work/runs/evalcache --out /tmp/ghost_memory.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from mtlsp.evaluation import metrics
+from mtlsp.evaluation.run import _SERVER, recalls, repository_texts
+from mtlsp.evaluation.sites import cut, find_sites, sample
+from mtlsp.index.scan import ScanOptions
+from mtlsp.store.files import default_cache_root
+from mtlsp.workspace import Engine
+
+VARIANTS = ("none", "memory", "nocopy")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--repo", type=Path, required=True)
+    ap.add_argument("--sites", type=int, default=160)
+    ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--cache-dir", type=Path, help="as mtlsp eval's (its eval/ folder holds the store)")
+    ap.add_argument("--out", type=Path, required=True)
+    a = ap.parse_args()
+    root = a.repo.resolve()
+    torch.set_num_threads(os.cpu_count() or 1)
+    engine = Engine.load(None, "auto")
+    scan = ScanOptions()
+    texts = repository_texts(root, scan)
+    py = sorted(p for p in texts if p.endswith(".py"))
+    store, indexer = engine.open_memory(root, cap_tokens=_SERVER.memory_cap, scan=scan, ann_background=False,
+                                        cache_root=(a.cache_dir or default_cache_root()) / "eval")
+    indexer.refresh()
+    store.wait_for_index()
+    memory, _, recall, without = recalls(root, store, indexer, texts, jedi=True)
+    completer = engine.completer(_SERVER.context_tokens)
+    gate = engine.loaded.model.memory.copy_gate
+    trained = gate.detach().clone()
+    sites = sample(find_sites({p: texts[p] for p in py}), a.sites, a.seed)
+    rows: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+    try:
+        for i, s in enumerate(sites):
+            memory.hide = (s.path,)
+            text, cursor = cut(texts[s.path], s, 0)
+            for v in VARIANTS:
+                with torch.no_grad():
+                    gate.copy_(trained if v != "nocopy" else torch.tensor(-30.0))
+                uri = f"bench://{v}/{i}"
+                got = completer.inline(uri, s.path, text, cursor, without if v == "none" else recall,
+                                       max_tokens=_SERVER.max_tokens)
+                completer.forget(uri)
+                line = got.text.split("\n", 1)[0]
+                rows[v].append({"path": s.path, "target": s.target, "prediction": line,
+                                "identifiers": metrics.identifier_match(line, s.target),
+                                "name_first": metrics.first_name(line) == s.name,
+                                "exact": metrics.exact_match(line, s.target), "ms": got.ms})
+            print(f"{i + 1}/{len(sites)}", {v: sum(r["identifiers"] for r in rows[v]) for v in VARIANTS}, flush=True)
+    finally:
+        with torch.no_grad():
+            gate.copy_(trained)
+    summary = {v: {"identifier_em": 100 * statistics.mean(r["identifiers"] for r in rs),
+                   "name_first": 100 * statistics.mean(r["name_first"] for r in rs),
+                   "exact": 100 * statistics.mean(r["exact"] for r in rs),
+                   "ms_p50": statistics.median(r["ms"] for r in rs)} for v, rs in rows.items()}
+    differ = sum(rows["memory"][i]["prediction"] != rows["none"][i]["prediction"] for i in range(len(sites)))
+    result = {"repo": str(root), "sites": len(sites), "seed": a.seed, "memory_tokens": store.stats()["entries"],
+              "lines_that_differ_memory_vs_none": differ, "summary": summary, "rows": rows,
+              "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    a.out.write_text(json.dumps(result, indent=1))
+    for v, x in summary.items():
+        print(f"{v}: identifier EM {x['identifier_em']:.1f}%, name first {x['name_first']:.1f}%, "
+              f"EM {x['exact']:.1f}%, ghost text p50 {x['ms_p50']:.0f} ms")
+    print(f"lines that differ, memory vs none: {differ} of {len(sites)}")
+
+
+if __name__ == "__main__":
+    main()
