@@ -6,8 +6,8 @@ little.  This script asks only for ghost text at 0 typed characters, under:
 
 - ``none``: the server's candidate names, no memory (``mtlsp eval``'s *none*);
 - ``memory``: the server (``mtlsp eval``'s *memory*);
-- ``nocopy``: the memory with the kNN copy switched off (copy gate closed), to see whether
-  copying tokens from the memory is what changes the line.
+- ``nocopy``: the memory with the kNN copy switched off (``Decoder(copy=False)``), to see
+  whether copying tokens from the memory is what changes the line.
 
 Sites are sampled with their own seed, so they are not ``mtlsp eval``'s 40.  The memory is the
 evaluation store ``mtlsp eval --cache-dir DIR`` builds (built here if missing), the calling
@@ -29,11 +29,13 @@ from pathlib import Path
 
 import torch
 
+from mtlsp.complete.completer import Completer
+from mtlsp.complete.decode import Decoder
 from mtlsp.evaluation import metrics
-from mtlsp.evaluation.run import _SERVER, recalls, repository_texts
+from mtlsp.evaluation.run import open_memory, recalls, repository_texts
 from mtlsp.evaluation.sites import cut, find_sites, sample
 from mtlsp.index.scan import ScanOptions
-from mtlsp.store.files import default_cache_root
+from mtlsp.lsp.settings import Settings
 from mtlsp.workspace import Engine
 
 VARIANTS = ("none", "memory", "nocopy")
@@ -53,36 +55,29 @@ def main() -> None:
     scan = ScanOptions()
     texts = repository_texts(root, scan)
     py = sorted(p for p in texts if p.endswith(".py"))
-    store, indexer = engine.open_memory(root, cap_tokens=_SERVER.memory_cap, scan=scan, ann_background=False,
-                                        cache_root=(a.cache_dir or default_cache_root()) / "eval")
-    indexer.refresh()
-    store.wait_for_index()
+    server = Settings()
+    store, indexer, _ = open_memory(engine, root, scan, server.memory_cap, a.cache_dir)
     memory, _, recall, without = recalls(root, store, indexer, texts, jedi=True)
-    completer = engine.completer(_SERVER.context_tokens)
-    gate = engine.loaded.model.memory.copy_gate
-    trained = gate.detach().clone()
+    plain = engine.completer(server.context_tokens)
+    nocopy = Completer(Decoder(engine.loaded.model, engine.loaded.tokenizer, copy=False),
+                       prefix_tokens=server.context_tokens)
+    runs = {"none": (plain, without), "memory": (plain, recall), "nocopy": (nocopy, recall)}
     sites = sample(find_sites({p: texts[p] for p in py}), a.sites, a.seed)
     rows: dict[str, list[dict]] = {v: [] for v in VARIANTS}
-    try:
-        for i, s in enumerate(sites):
-            memory.hide = (s.path,)
-            text, cursor = cut(texts[s.path], s, 0)
-            for v in VARIANTS:
-                with torch.no_grad():
-                    gate.copy_(trained if v != "nocopy" else torch.tensor(-30.0))
-                uri = f"bench://{v}/{i}"
-                got = completer.inline(uri, s.path, text, cursor, without if v == "none" else recall,
-                                       max_tokens=_SERVER.max_tokens)
-                completer.forget(uri)
-                line = got.text.split("\n", 1)[0]
-                rows[v].append({"path": s.path, "target": s.target, "prediction": line,
-                                "identifiers": metrics.identifier_match(line, s.target),
-                                "name_first": metrics.first_name(line) == s.name,
-                                "exact": metrics.exact_match(line, s.target), "ms": got.ms})
-            print(f"{i + 1}/{len(sites)}", {v: sum(r["identifiers"] for r in rows[v]) for v in VARIANTS}, flush=True)
-    finally:
-        with torch.no_grad():
-            gate.copy_(trained)
+    for i, s in enumerate(sites):
+        memory.hide = (s.path,)
+        text, cursor = cut(texts[s.path], s, 0)
+        for v in VARIANTS:
+            completer, view = runs[v]
+            uri = f"bench://{v}/{i}"
+            got = completer.inline(uri, s.path, text, cursor, view, max_tokens=server.max_tokens)
+            completer.forget(uri)
+            line = got.text.split("\n", 1)[0]
+            rows[v].append({"path": s.path, "target": s.target, "prediction": line,
+                            "identifiers": metrics.identifier_match(line, s.target),
+                            "name_first": metrics.first_name(line) == s.name,
+                            "exact": metrics.exact_match(line, s.target), "ms": got.ms})
+        print(f"{i + 1}/{len(sites)}", {v: sum(r["identifiers"] for r in rows[v]) for v in VARIANTS}, flush=True)
     summary = {v: {"identifier_em": 100 * statistics.mean(r["identifiers"] for r in rs),
                    "name_first": 100 * statistics.mean(r["name_first"] for r in rs),
                    "exact": 100 * statistics.mean(r["exact"] for r in rs),

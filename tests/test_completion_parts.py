@@ -399,6 +399,18 @@ def test_prefill_with_memory_matches_forward_and_returns_its_evidence(decoder, m
     assert nxt.evidence is not None and not torch.equal(nxt.evidence.weights, ev.weights)
 
 
+def test_decoder_without_the_copy_reads_the_memory_as_the_model_does_without_it(model, tok):
+    mem = a_memory(model, tok)
+    ids = rand_ids(tok, 10)
+    plain = Decoder(model, tok, window=256, chunk=16, copy=False)
+    with torch.no_grad():
+        uncopied = model(torch.tensor([ids]), memory=mem, copy=False).logits[0, -1]
+    got = plain.prefill(ids, mem)
+    assert close(got.logits, uncopied)
+    assert not close(got.logits, full_logits(model, ids, mem))  # the copy mixes something in
+    assert got.evidence is not None  # the memory is still read
+
+
 def test_contexts_stepped_from_one_parent_each_see_only_their_own_tokens(decoder, tok):
     """Steps append keys and values in place where the parent's buffer has room; a second child
     of the same parent, or the parent read again, must not see the first child's token."""

@@ -139,8 +139,11 @@ class Decoder:
     """One model, read incrementally.  Not thread-safe: the server runs it on one worker."""
 
     def __init__(self, model: MemorizingTransformer, tok: Tokenizer, *, window: int = 2048,
-                 chunk: int = 512, memory_tail: int = 16) -> None:
+                 chunk: int = 512, memory_tail: int = 16, copy: bool = True) -> None:
+        """``copy``: mix the memory's kNN copy into the next-token distribution, as the model
+        was trained to (off only to measure what the copy itself does)."""
         self.model = model
+        self.copy = copy
         self.tok = tok
         self.device = next(model.parameters()).device
         self.window = min(window, model.cfg.max_context)  # prompt + completion, at most
@@ -236,7 +239,8 @@ class Decoder:
                  *, last_only: bool = True, tree: Tensor | None = None):
         x = torch.tensor(rows, device=self.device)
         with torch.inference_mode():
-            return self.model(x, past=past, memory=memory, last_only=last_only, memory_from=memory_from, tree=tree)
+            return self.model(x, past=past, memory=memory, last_only=last_only, memory_from=memory_from, tree=tree,
+                              copy=self.copy)
 
 
 class _TokenTable:

@@ -24,7 +24,8 @@ from ..complete.candidates import ModuleNames, Sources
 from ..complete.completer import Completer, Recall
 from ..complete.retrieval import StoreMemory
 from ..complete.static import Jedi
-from ..index.indexer import Indexer
+from ..index.indexer import Indexer, Report
+from ..index.indexer import Progress as IndexProgress  # this module's Progress is a callback
 from ..index.scan import ScanOptions, read_text, walk
 from ..lsp.settings import Settings
 from ..store.files import default_cache_root
@@ -114,6 +115,17 @@ def _calibrate_stuffing(engine: Engine, completer: Completer, memory: StoreMemor
     return {"tokens": chosen, "memory_prefill_ms": budget_ms, "stuffed_prefill_ms": measured}
 
 
+def open_memory(engine: Engine, root: Path, scan: ScanOptions, cap_tokens: int, store_root: Path | None,
+                progress: Callable[[IndexProgress], None] | None = None) -> tuple[MemoryStore, Indexer, Report]:
+    """The repository's memory, built the way the server builds it but in a store of its own
+    (``<store_root>/eval``, by default under the cache root), brought up to date, its index ready."""
+    store, indexer = engine.open_memory(root, cap_tokens=cap_tokens, scan=scan, ann_background=False,
+                                        cache_root=(store_root or default_cache_root()) / "eval")
+    report = indexer.refresh(progress)
+    store.wait_for_index()
+    return store, indexer, report
+
+
 def recalls(root: Path, store: MemoryStore, indexer: Indexer, texts: dict[str, str],
             jedi: bool) -> tuple[StoreMemory, callsites.LineIndex, Recall, Recall]:
     """The store as the model reads it, lines of ``texts`` for provenance, and the two views
@@ -138,11 +150,8 @@ def evaluate(root: Path, engine: Engine, options: Options, manifest: dict, progr
     tok = engine.loaded.tokenizer
     model = engine.loaded.model
 
-    # the memory, the way the server builds it
-    store, indexer = engine.open_memory(root, cap_tokens=options.memory_cap, scan=scan, ann_background=False,
-                                        cache_root=(options.store_root or default_cache_root()) / "eval")
-    report = indexer.refresh(lambda p: progress("index", p.files_done, p.files_total))
-    store.wait_for_index()
+    store, indexer, report = open_memory(engine, root, scan, options.memory_cap, options.store_root,
+                                         lambda p: progress("index", p.files_done, p.files_total))
     stored = store.files()
     memory_tokens = sum(f.tokens for f in stored.values())
 
