@@ -172,12 +172,14 @@ def cmd_eval(a: argparse.Namespace) -> None:
     from .evaluate import evaluate_files, summarize
     from .memory import TensorMemory
     from .projects import encode_memory, tokenize_files
-    from .runtime import for_inference
+    from .runtime import for_inference, int8_encoding
 
     if a.threads:
         torch.set_num_threads(a.threads)
     loaded = _load(a)
     for_inference(loaded.model, torch.device(a.device))  # measured as the product runs it
+    int8 = a.device == "cpu" and int8_encoding(loaded.model, loaded.tokenizer,
+                                                Path(loaded.info["base_folder"]) / "activation_maxima.pt")
     manifest = load_manifest(Path(a.manifest) if a.manifest else
                              (Path(a.weights) if a.weights else Path(__file__).parent / "weights") / "corpus_manifest.json")
     model, tok = loaded.model, loaded.tokenizer
@@ -189,7 +191,8 @@ def cmd_eval(a: argparse.Namespace) -> None:
     def memory_of(name: str, files):
         """A repository's memory; kept in ``--cache`` (entries depend only on the base and the memory
         key/value heads, so the training-free and the trained model share them)."""
-        key = f"{name}-{loaded.store_fingerprint}-{len(files)}-{sum(len(f.ids) for f in files)}.pt"
+        key = (f"{name}-{loaded.store_fingerprint}-{len(files)}-{sum(len(f.ids) for f in files)}"
+               f"{'-int8' if int8 else ''}.pt")
         path = Path(a.cache) / key if a.cache else None
         if path is not None and path.is_file():
             d = torch.load(path)
@@ -217,6 +220,7 @@ def cmd_eval(a: argparse.Namespace) -> None:
         scores = evaluate_files(model, tok, files, memory, control=control, score=picked)
         summary = summarize(scores)
         summary.update(repository=repo.name, memory_tokens=len(memory), encode_seconds=round(encoded, 1),
+                       int8_encoding=int8,
                        seconds=round(time.time() - t0, 1), control=a.control,
                        per_file=[s.__dict__ for s in scores])
         results.append(summary)

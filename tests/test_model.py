@@ -310,3 +310,41 @@ def test_the_cpu_product_precision_can_be_forced(monkeypatch):
     runtime.cpu_product_dtype.cache_clear()
     assert runtime.cpu_product_dtype() in (torch.float32, torch.bfloat16)  # measured on this CPU
     runtime.cpu_product_dtype.cache_clear()
+
+
+def test_int8_encoding_stays_close_to_float_and_only_inside_encoding(tok, monkeypatch, tmp_path):
+    """Encoding with int8 products (smoothed, a scale per token) gives entries close to float32
+    ones; prompts and encoding outside ``encoding()`` are untouched; the activation maxima are
+    kept in their cache file, and a damaged one is measured again."""
+    import copy
+
+    from mtlsp_model import runtime
+
+    monkeypatch.setenv(runtime.ENCODING_ENV, "int8")
+    runtime.int8_encoding_faster.cache_clear()
+    model = random_model(tiny_config(tok.vocab_size), seed=1)
+    ids = ids_of(tok, SRC * 3)
+    fast = runtime.for_inference(copy.deepcopy(model), torch.device("cpu"), torch.float32)
+    before = fast.encode(ids)
+    cache = tmp_path / "maxima.pt"
+    try:
+        assert runtime.int8_encoding(fast, tok, cache)
+        assert cache.is_file()
+        plain = fast.encode(ids)  # not inside encoding(): the float32 products
+        torch.testing.assert_close(plain.keys, before.keys)
+        with runtime.encoding():
+            int8 = fast.encode(ids)
+        assert not torch.equal(int8.keys, before.keys)  # the int8 path ran
+        for got, want in ((int8.keys, before.keys), (int8.values, before.values)):
+            assert ((got - want).norm() / want.norm()).item() < 0.05
+        cache.write_bytes(b"not a tensor file")
+        again = runtime.for_inference(copy.deepcopy(model), torch.device("cpu"), torch.float32)
+        assert runtime.int8_encoding(again, tok, cache)
+        with runtime.encoding():
+            torch.testing.assert_close(again.encode(ids).keys, int8.keys)
+        monkeypatch.setenv(runtime.ENCODING_ENV, "float")
+        runtime.int8_encoding_faster.cache_clear()
+        assert not runtime.int8_encoding(runtime.for_inference(copy.deepcopy(model), torch.device("cpu"),
+                                                               torch.float32), tok, None)
+    finally:
+        runtime.int8_encoding_faster.cache_clear()

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from mtlsp_model.model import MemorizingTransformer, Prefix
+from mtlsp_model.runtime import encoding
 from mtlsp_model.tokenizer import Tokenizer
 
 from ..gate import ModelGate
@@ -141,7 +142,7 @@ class Encoder:
         group: dict[tuple[int, ...], int] = {}  # context -> its row in the group's prefix
         members: list[tuple[int, int]] = []  # (job, its context's row)
         held = 0  # context tokens in the group
-        with self.gate.write() as pause:
+        with self.gate.write() as pause, encoding():
             for j, job in enumerate(jobs):
                 key = tuple(job.context)
                 if key not in group and group and held + len(key) > self.context_tokens:
