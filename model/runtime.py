@@ -13,13 +13,16 @@
   each precision, are in ``docs/model.md``.  (Dynamic int8 quantization of the activations as
   well was measured too: it costs 64% more bits per token on this base, whose activations have
   large outliers.)
-- **Encoding on a CPU without fast bfloat16**: reading text into the memory (``encoding()``)
-  may use int8 products with int8 activations (``int8_encoding``): each token's activations are
-  quantized with their own scale, after a per-channel smoothing that moves the activations'
-  outlier channels into the weights (SmoothQuant, alpha 0.5), calibrated once per base on
-  standard-library code.  Measured on an AVX2 EPYC: 1.28x the float32 encoding speed, and a
-  memory encoded so reads +0.3% bits per token (+0.6% on cross-file names) on flask; int8
-  with one scale per tensor lost half the memory's gain (7-bit) or all of it (8-bit).  Prompts and decoding never use it.
+- **int8 encoding** (``int8_encoding``, inside ``encoding()`` only): int8 products with int8
+  activations, each token's activations quantized with their own scale after a per-channel
+  smoothing that moves the activations' outlier channels into the weights (SmoothQuant, alpha
+  0.5), calibrated once per base on standard-library code.  A memory encoded so reads +0.3% bits
+  per token (+0.6% on cross-file names) on flask; one scale per tensor lost half the memory's
+  gain (7-bit) or all of it (8-bit).  Chosen only where the product is at least twice as fast as
+  the product precision: on an AVX2 EPYC the product alone was 1.0-1.9x faster depending on the
+  VM's phase, the Encoder 1.28x in one A/B, but whole indexing 5-20% slower (the per-token
+  scaling reads and writes every activation again), so there it stays off unless ``MTLSP_CPU_ENCODING=int8``.  Prompts
+  and decoding never use it.
 
 Training needs gradients through the frozen layers, so it uses the float32 model.
 """
@@ -46,7 +49,7 @@ FEW_ROWS = 16  # up to this many rows (tokens) a product uses the 4-bit or int8 
 PRECISION_ENV = "MTLSP_CPU_PRECISION"  # "bfloat16" or "float32" overrides the measurement
 _BF16_GAIN = 1.2  # bfloat16 products must be this much faster to be chosen
 ENCODING_ENV = "MTLSP_CPU_ENCODING"  # "int8" or "float" overrides the measurement
-_INT8_GAIN = 1.3  # int8 encoding products must be this much faster to be chosen
+_INT8_GAIN = 2.0  # int8 encoding products must be this much faster to be chosen (see above)
 _SMOOTHING_ALPHA = 0.5  # SmoothQuant's split of the outliers between activations and weights
 _CALIBRATION_TOKENS = 2048
 _local = threading.local()  # per thread: inside ``encoding()``; the activation maxima being recorded
@@ -171,9 +174,9 @@ def encoding() -> Iterator[None]:
 def int8_encoding_faster() -> bool:
     """Whether int8 encoding products (per-token scales included) beat this CPU's product
     precision by ``_INT8_GAIN``, on an encoder-sized product; False where the quantized kernels
-    are missing.  ``MTLSP_CPU_ENCODING`` overrides.  Measured on an AVX2 EPYC: 2.5x for the
-    product alone, 1.28x for whole encoding (attention and norms stay float32); with AVX-512
-    BF16 the bfloat16 products are chosen already and the measurement decides."""
+    are missing.  ``MTLSP_CPU_ENCODING`` overrides.  The margin is wide because the rest of
+    encoding (attention, norms, the scaling itself) does not speed up: on an AVX2 EPYC a product
+    1.0-1.9x faster made whole indexing no faster."""
     forced = os.environ.get(ENCODING_ENV, "").strip().lower()
     if forced in ("int8", "float"):
         return forced == "int8"
