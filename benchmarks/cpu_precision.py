@@ -5,7 +5,7 @@ them faster than float32 (measured once per process), and decodes through 4-bit 
 the base's weights lie on a 4-bit grid (int8 elsewhere).  This script measures what those
 choices are worth for the product's own work, four variants in one process, alternating
 rounds (float32 or bfloat16 products; 4-bit or int8 decoding weights; float32 products with
-int8 encoding, ``runtime.int8_encoding``, forced on whatever this CPU would choose):
+int8 encoding, ``runtime.quantize_encoding``, whatever this CPU would choose):
 
 - encoding chunks of a repository into memory entries (``Encoder``, as the indexer runs it);
 - reading a 384-token prompt (no memory, nothing reused);
@@ -26,8 +26,7 @@ from pathlib import Path
 
 import torch
 from model_speed import encode_jobs, prompts, timings  # this folder's own: run as a script
-from mtlsp_model import runtime
-from mtlsp_model.runtime import cpu_product_dtype, for_inference, int8_encoding
+from mtlsp_model.runtime import cpu_product_dtype, for_inference, int8_encoding_faster, quantize_encoding
 from mtlsp_model.weights import load_weights
 
 from mtlsp.complete.decode import Decoder
@@ -57,17 +56,13 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     engines = {}
-    chosen_int8 = runtime.int8_encoding_faster()
+    chosen_int8 = int8_encoding_faster()
     for dtype, four_bits, int8 in ((torch.float32, True, False), (torch.float32, True, True),
                                    (torch.float32, False, False), (torch.bfloat16, True, False)):
         loaded = load_weights(None)
         for_inference(loaded.model, torch.device("cpu"), dtype, four_bits)
         if int8:
-            os.environ[runtime.ENCODING_ENV] = "int8"
-            runtime.int8_encoding_faster.cache_clear()
-            int8_encoding(loaded.model, loaded.tokenizer, Path(loaded.info["base_folder"]) / "activation_maxima.pt")
-            del os.environ[runtime.ENCODING_ENV]
-            runtime.int8_encoding_faster.cache_clear()
+            quantize_encoding(loaded.model, loaded.tokenizer, loaded.info["base_folder"])
         encoder = Encoder(loaded.model, loaded.tokenizer)
         encoder.warm_up()
         name = (str(dtype).removeprefix("torch.") + (" + 4-bit decoding" if four_bits else " + int8 decoding")

@@ -178,8 +178,7 @@ def cmd_eval(a: argparse.Namespace) -> None:
         torch.set_num_threads(a.threads)
     loaded = _load(a)
     for_inference(loaded.model, torch.device(a.device))  # measured as the product runs it
-    int8 = a.device == "cpu" and int8_encoding(loaded.model, loaded.tokenizer,
-                                                Path(loaded.info["base_folder"]) / "activation_maxima.pt")
+    int8 = int8_encoding(loaded.model, loaded.tokenizer, loaded.info["base_folder"])
     manifest = load_manifest(Path(a.manifest) if a.manifest else
                              (Path(a.weights) if a.weights else Path(__file__).parent / "weights") / "corpus_manifest.json")
     model, tok = loaded.model, loaded.tokenizer

@@ -148,16 +148,11 @@ def pieces(f: SourceFile, tok: Tokenizer, size: int = PIECE_TOKENS) -> list[tupl
 
 
 @torch.no_grad()
+@encoding()
 def encode_memory(model: MemorizingTransformer, tok: Tokenizer, files: list[SourceFile], *,
                   batch_tokens: int = 8192, dtype: torch.dtype = torch.bfloat16) -> TensorMemory:
     """Every file's entries (each piece read after its file header) in one ``TensorMemory``;
     entry file ids are positions in ``files``."""
-    with encoding():
-        return _encode_memory(model, tok, files, batch_tokens, dtype)
-
-
-def _encode_memory(model: MemorizingTransformer, tok: Tokenizer, files: list[SourceFile], batch_tokens: int,
-                   dtype: torch.dtype) -> TensorMemory:
     jobs = [(fi, a, b) for fi, f in enumerate(files) for a, b in pieces(f, tok)]
     jobs.sort(key=lambda j: j[2] - j[1])
     keys, values, tokens, owners = [], [], [], []

@@ -52,6 +52,7 @@ ENCODING_ENV = "MTLSP_CPU_ENCODING"  # "int8" or "float" overrides the measureme
 _INT8_GAIN = 2.0  # int8 encoding products must be this much faster to be chosen (see above)
 _SMOOTHING_ALPHA = 0.5  # SmoothQuant's split of the outliers between activations and weights
 _CALIBRATION_TOKENS = 2048
+MAXIMA_FILE = "activation_maxima.pt"  # kept next to a base's conversion: the maxima depend on it alone
 _local = threading.local()  # per thread: inside ``encoding()``; the activation maxima being recorded
 
 
@@ -216,16 +217,24 @@ def calibration_text() -> str:
     return "\n\n".join(parts)
 
 
-def int8_encoding(model: MemorizingTransformer, tok, cache: Path | None = None) -> bool:
-    """Set ``model`` (made ``for_inference`` on the CPU) to encode with int8 products, where that
-    is faster (``int8_encoding_faster``); returns whether it did.
+def int8_encoding(model: MemorizingTransformer, tok, base_folder: str | Path | None = None) -> bool:
+    """Set ``model`` (made ``for_inference``) to encode with int8 products where it runs on the
+    CPU and that is faster (``int8_encoding_faster``); returns whether it did."""
+    if next(model.parameters()).device.type != "cpu" or not int8_encoding_faster():
+        return False
+    quantize_encoding(model, tok, base_folder)
+    return True
+
+
+def quantize_encoding(model: MemorizingTransformer, tok, base_folder: str | Path | None = None) -> None:
+    """Give ``model``'s products int8 weights for ``encoding()``, whatever this CPU prefers.
 
     The smoothing needs each product's largest activation per input channel: measured once per
-    base by encoding ``calibration_text`` (a few seconds) and kept in ``cache`` (a file) if given.
+    base by encoding ``calibration_text`` (a few seconds) and kept in the base's folder as
+    ``MAXIMA_FILE`` where one is given (a damaged file is measured again).
     """
-    if not int8_encoding_faster() or next(model.parameters()).device.type != "cpu":
-        return False
     linears = {name: m for name, m in model.named_modules() if isinstance(m, CpuLinear)}
+    cache = Path(base_folder) / MAXIMA_FILE if base_folder else None
     maxima = None
     if cache is not None and cache.is_file():
         try:
@@ -244,7 +253,6 @@ def int8_encoding(model: MemorizingTransformer, tok, cache: Path | None = None) 
     for name, m in linears.items():
         if name in maxima and maxima[name].shape == (m.w.shape[1],):
             m.quantize_for_encoding(maxima[name])
-    return True
 
 
 @torch.no_grad()

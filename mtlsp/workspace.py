@@ -13,7 +13,6 @@ A ``Folder`` owns a workspace folder's store, indexer and file watching, and two
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -78,8 +77,7 @@ class Engine:
         dev = resolve_device(device)
         loaded = load_weights(weights, base=base, echo=log.warning)
         for_inference(loaded.model, dev)
-        if dev.type == "cpu":  # int8 encoding where this CPU has no fast bfloat16 (``runtime.py``)
-            int8_encoding(loaded.model, loaded.tokenizer, _maxima_cache(loaded.info.get("base_folder")))
+        int8_encoding(loaded.model, loaded.tokenizer, loaded.info.get("base_folder"))  # where it pays (``runtime.py``)
         engine = cls(loaded, dev, weights)
         engine.encoder.warm_up()
         return engine
@@ -93,13 +91,6 @@ class Engine:
         store = MemoryStore.open(root, fingerprint=self.loaded.store_fingerprint, heads=len(cfg.memory_kv_heads),
                                  dim=cfg.head_dim, cache_root=cache_root, options=options)
         return store, Indexer(root, store, self.encoder, scan=scan)
-
-
-def _maxima_cache(base_folder: str | None) -> Path | None:
-    """The base's activation maxima file, next to its conversion (None where it cannot be kept)."""
-    if not base_folder or not os.access(base_folder, os.W_OK):
-        return None
-    return Path(base_folder) / "activation_maxima.pt"
 
 
 @dataclass

@@ -326,9 +326,9 @@ def test_int8_encoding_stays_close_to_float_and_only_inside_encoding(tok, monkey
     ids = ids_of(tok, SRC * 3)
     fast = runtime.for_inference(copy.deepcopy(model), torch.device("cpu"), torch.float32)
     before = fast.encode(ids)
-    cache = tmp_path / "maxima.pt"
+    cache = tmp_path / runtime.MAXIMA_FILE
     try:
-        assert runtime.int8_encoding(fast, tok, cache)
+        assert runtime.int8_encoding(fast, tok, tmp_path)
         assert cache.is_file()
         plain = fast.encode(ids)  # not inside encoding(): the float32 products
         torch.testing.assert_close(plain.keys, before.keys)
@@ -339,7 +339,7 @@ def test_int8_encoding_stays_close_to_float_and_only_inside_encoding(tok, monkey
             assert ((got - want).norm() / want.norm()).item() < 0.05
         cache.write_bytes(b"not a tensor file")
         again = runtime.for_inference(copy.deepcopy(model), torch.device("cpu"), torch.float32)
-        assert runtime.int8_encoding(again, tok, cache)
+        assert runtime.int8_encoding(again, tok, tmp_path)
         with runtime.encoding():
             torch.testing.assert_close(again.encode(ids).keys, int8.keys)
         monkeypatch.setenv(runtime.ENCODING_ENV, "float")
