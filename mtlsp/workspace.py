@@ -246,6 +246,7 @@ class Folder:
                     text = self.texts(rel)
                     if text is not None:
                         self.indexer.update_text(rel, text)
+                        self.indexer.prepare(rel, text)  # for its next edit (a file just opened too)
                 if paths:
                     self.indexer.sync_paths(paths)
             except Exception:  # one bad file or a busy store must not stop later updates

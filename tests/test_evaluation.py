@@ -298,6 +298,7 @@ def test_cli_end_to_end_with_the_tiny_model(tmp_path, tiny_weights):
         assert r["bits"]["files"] == 2 and r["bits"]["tokens"] > 0 and r["bits"]["cross_tokens"] > 0
         assert r["memory_curve"][0]["memory_tokens"] == 0 and r["memory_curve"][-1]["whole_repository"]
         assert len(r["fresh"]) == 2 and r["memory"]["tokens"] > 0
+        assert all({"first_correct_ms", "first_correct_warm_ms"} <= t.keys() for t in r["fresh"])
         assert {t["target"].split(" ")[0] for t in r["summary"]["targets"]} >= {"identifier", "popup", "new-function",
                                                                                   "bits"}
     md = (out / "eval.md").read_text()

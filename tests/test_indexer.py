@@ -196,6 +196,38 @@ def test_an_edit_re_encodes_only_the_changed_chunk(tmp_path, encoder):
     assert ix.refresh().unchanged == 1  # nothing left to do
 
 
+def test_an_opened_file_has_its_context_read_before_its_first_edit(tmp_path, tok, tiny_cfg):
+    """``prepare`` (the server calls it when a buffer is opened or written) reads the context a
+    file's chunks are encoded after, so that its next edit reads only the edited chunk, with
+    the same entries as reading the context again."""
+    model = random_model(tiny_cfg)
+    reads = []
+    read_prefix = model.read_prefix
+    model.read_prefix = lambda contexts, **kw: reads.append(len(contexts)) or read_prefix(contexts, **kw)
+    text = "".join(f"import mod{i}\n" for i in range(30)) + "\n\n" + PY
+    root = tmp_path / "ws"
+    write(root, "m.py", text)
+    ix = make_indexer(root, tmp_path / "store", Encoder(model, tok, piece_tokens=64, kept_contexts=1))
+    ix.refresh()
+    assert reads == [2]  # the imports' chunk behind the header alone, the others behind the imports too
+    ix.prepare("m.py", text)
+    ix.prepare("m.py", text)
+    assert reads == [2, 1]  # read once, then kept
+    edited = text.replace("return y * 2", "return y * 3")
+    assert ix.update_text("m.py", edited).chunks_encoded == 1
+    assert reads == [2, 1]  # the edit read no context
+    write(root, "other.py", PY)
+    ix.sync_paths(["other.py"])
+    ix.update_text("m.py", text)
+    assert reads == [2, 1, 1, 1]  # one context kept: another file's pushed it out
+    write(root, "m.py", edited)
+    cold = make_indexer(root, tmp_path / "store2", Encoder(model, tok, piece_tokens=64, kept_contexts=0))
+    cold.refresh()
+    ix.update_text("m.py", edited)
+    np.testing.assert_allclose(ix.store.entries_of("m.py").float_keys(), cold.store.entries_of("m.py").float_keys(),
+                               atol=2e-3)
+
+
 def test_chunks_read_after_their_shared_context_get_the_entries_of_context_plus_chunk(tok, tiny_cfg):
     """The encoder reads each file's context once for all its chunks, a few files at a time;
     each chunk's entries must be those of reading context + chunk from scratch."""

@@ -9,7 +9,14 @@ that candidate names are read from, as an open, unsaved buffer is in the server.
 runs from the start of the update to the end of the first completion that hits (the server adds
 its debounce, 250 ms by default, in front).  At one place the ghost text is asked first, then
 the popup, and one decoding worker answers them in turn, so a hit of the popup alone is counted
-at the end of both.  The
+at the end of both.
+
+Two clocks, because the caller's prompt may or may not have been read before.  *Cold*: the
+caller is read afresh at ``alias.``, as in a file opened just then.  *Warm*: the caller was read
+before the edit at the line's start (``    return ``), as the server reads it at each keystroke
+of a user typing there; a memory that changed since is read again only by the prompt's last
+positions (``Decoder.prefill``).  Both count the edit's write into the memory, after the server
+read the module's context when it was opened (``Indexer.prepare``).  The
 same prompts without memory are the control: a name the model never saw cannot come from its
 weights; the memory with the candidate names switched off (``memory_only``) shows what the
 memory does alone.  With the candidate names (memory and control alike), the new name is one
@@ -93,7 +100,8 @@ class Trial:
     plain_hits: dict[int, dict] = field(default_factory=dict)  # the same without memory
     spelled_hits: dict[int, dict] = field(default_factory=dict)  # memory, no candidate names
     # storing the edit plus the latency of the first request, in typing order, that hit (None: no hit)
-    first_correct_ms: float | None = None
+    first_correct_ms: float | None = None  # the caller read afresh at ``alias.`` (cold)
+    first_correct_warm_ms: float | None = None  # the caller's line read before the edit (warm)
 
 
 def caller_text(text: str, module: str, alias: str, typed: str) -> str:
@@ -140,20 +148,32 @@ def run_trial(
     alias = module.rsplit(".", 1)[-1]
     original = texts[defined_in]
     edited = f"{original.rstrip()}\n\n\n{body.format(name=name)}"
+    new_lines = (defined_in, original.rstrip().count("\n") + 4)
+    indexer.prepare(defined_in, original)  # the module open in the editor, as the server reads it
+    warm_uri = f"eval://fresh-warm/{called_from}"
+    line_start = caller_text(texts[called_from], module, alias, "")[: -len(alias) - 1]
+    completer.inline(warm_uri, called_from, line_start, len(line_start), recall, max_tokens=max_tokens)
     t0 = time.perf_counter()
     try:
         indexer.update_text(defined_in, edited)
         lines.set(defined_in, edited)
         texts[defined_in] = edited
         trial = Trial(name, defined_in, called_from, (time.perf_counter() - t0) * 1000)
+        for typed in typed_counts:  # the warm clock first: the request right after the edit
+            got = _score(completer, warm_uri, called_from, caller_text(texts[called_from], module, alias, name[:typed]),
+                         recall, name, max_tokens, new_lines, True)
+            if got["inline"] or got["popup_top1"]:
+                trial.first_correct_warm_ms = trial.update_ms + got["inline_ms"] + (
+                    0.0 if got["inline"] else got["popup_ms"])
+                break
+        completer.forget(warm_uri)
         conditions = (("memory", recall, True, trial.hits), ("memory_only", recall, False, trial.spelled_hits),
                       ("none", control, True, trial.plain_hits))
         for condition, rec, names, into in conditions:
             uri = f"eval://fresh-{condition}/{called_from}"
             for typed in typed_counts:
                 text = caller_text(texts[called_from], module, alias, name[:typed])
-                got = _score(completer, uri, called_from, text, rec, name, max_tokens,
-                             (defined_in, original.rstrip().count("\n") + 4), names)
+                got = _score(completer, uri, called_from, text, rec, name, max_tokens, new_lines, names)
                 into[typed] = got
                 if condition == "memory" and trial.first_correct_ms is None and (got["inline"] or got["popup_top1"]):
                     # the wait a user sees: the edit stored, then the request that answered right

@@ -182,8 +182,10 @@ def markdown(results: list[dict], meta: dict, paths: dict[str, Path]) -> str:
                 "*memory_only* the same memory with the candidate ranking off (the model spells names itself); "
                 "*none* the same candidate names, no memory; *bm25* no memory, BM25 chunks stuffed in the "
                 "prompt.", ""]
-        out += ["", f"Edit → first correct completion: p50 {_ms(f['first_correct_ms_p50'])} ms, p95 "
-                f"{_ms(f['first_correct_ms_p95'])} ms over the "
-                f"{f['first_correct_trials']} trials that hit; writing the edit into the memory: p50 "
-                f"{_ms(f['update_ms_p50'])} ms.", ""]
+        out += ["", f"Edit → first correct completion, the caller read afresh at `alias.`: p50 "
+                f"{_ms(f['first_correct_ms_p50'])} ms, p95 {_ms(f['first_correct_ms_p95'])} ms over the "
+                f"{f['first_correct_trials']} trials that hit; the caller's line read before the edit (as while "
+                f"typing in it): p50 {_ms(f.get('first_correct_warm_ms_p50'))} ms, p95 "
+                f"{_ms(f.get('first_correct_warm_ms_p95'))} ms over {f.get('first_correct_warm_trials', 0)}; "
+                f"writing the edit into the memory: p50 {_ms(f['update_ms_p50'])} ms.", ""]
     return "\n".join(out) + "\n"

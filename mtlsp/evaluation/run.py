@@ -291,6 +291,7 @@ def summarize(rows: list[dict], trials: list[dict], bpt: dict) -> dict:
         ghost_rates[typed] = _rate([t["hits"][typed]["inline"] for t in trials if typed in t["hits"]])
         retrieved[typed] = _rate([t["hits"][typed]["retrieved"] for t in trials if typed in t["hits"]])
     first_ms = [t["first_correct_ms"] for t in trials if t["first_correct_ms"] is not None]
+    warm_ms = [t["first_correct_warm_ms"] for t in trials if t.get("first_correct_warm_ms") is not None]
     summary = {
         "lines": lines,
         "jedi": jedi,
@@ -303,6 +304,9 @@ def summarize(rows: list[dict], trials: list[dict], bpt: dict) -> dict:
             "first_correct_ms_p50": metrics.percentile(first_ms, 50),
             "first_correct_ms_p95": metrics.percentile(first_ms, 95),
             "first_correct_trials": len(first_ms),
+            "first_correct_warm_ms_p50": metrics.percentile(warm_ms, 50),
+            "first_correct_warm_ms_p95": metrics.percentile(warm_ms, 95),
+            "first_correct_warm_trials": len(warm_ms),
             "update_ms_p50": metrics.percentile([t["update_ms"] for t in trials], 50),
         },
         "bits": {k: v for k, v in bpt.items() if k != "per_file"},
@@ -336,11 +340,12 @@ def targets(s: dict) -> list[dict]:
         if rate is not None:
             out.append({"target": f"new-function trials: {what} hit at {typed} typed, at least 90%",
                         "measured": f"{rate:.0%} of {f['trials']}", "met": rate >= 0.9})
-    if f["first_correct_ms_p95"] is not None:
-        out.append({"target": "new-function trials: edit to first correct completion p95 at most 1 s",
-                    "measured": f"p95 {f['first_correct_ms_p95']:.0f} ms over {f['first_correct_trials']} trials "
-                                f"that hit, of {f['trials']}",
-                    "met": f["first_correct_ms_p95"] <= 1000 and f["first_correct_trials"] == f["trials"]})
+    for clock, key in (("the caller read afresh", "first_correct"), ("the caller's line read before", "first_correct_warm")):
+        if f.get(f"{key}_ms_p95") is not None:
+            out.append({"target": f"new-function trials: edit to first correct completion p95 at most 1 s ({clock})",
+                        "measured": f"p95 {f[f'{key}_ms_p95']:.0f} ms over {f[f'{key}_trials']} trials "
+                                    f"that hit, of {f['trials']}",
+                        "met": f[f"{key}_ms_p95"] <= 1000 and f[f"{key}_trials"] == f["trials"]})
     r, c = s["bits"]["reduction"], s["bits"].get("cross_reduction")
     if r is not None:
         out.append({"target": "bits per token with memory: at least 12% lower on all tokens, 30% on cross-file "

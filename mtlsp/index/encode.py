@@ -19,6 +19,7 @@ layer run.
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -75,13 +76,19 @@ class Encoder:
     """Turns jobs into storage entries with one model; thread-compatible, not thread-safe."""
 
     def __init__(self, model: MemorizingTransformer, tok: Tokenizer, *, batch_tokens: int = 2048,
-                 piece_tokens: int = 1024, context_tokens: int = 4096, gate: ModelGate | None = None) -> None:
+                 piece_tokens: int = 1024, context_tokens: int = 4096, gate: ModelGate | None = None,
+                 kept_contexts: int = 4) -> None:
         """``gate``: the model's, shared with a server's completions, which go first (``gate.py``);
         by default one of its own (nothing else runs this model).
 
         ``batch_tokens``: measured on flask's largest file with float32 products (an AVX2 CPU),
         4,096 tokens a batch peaked 1.05 GB above the loaded model and 2,048 0.4 GB, and
-        2,048 was no slower (44 against 53-63 s for 15k tokens)."""
+        2,048 was no slower (44 against 53-63 s for 15k tokens).
+
+        ``kept_contexts``: files whose context (``Prefix``) stays read after an encoding of that
+        file alone.  An editor's edit re-encodes one chunk of one file, again and again, and the
+        context is most of what that reads: a 64-token function appended to a flask module is
+        read after about 100 tokens of header and imports.  One context takes about 2 MB."""
         self.model = model
         self.gate = gate or ModelGate()
         self.tok = tok
@@ -89,6 +96,8 @@ class Encoder:
         self.piece_tokens = piece_tokens
         self.context_tokens = context_tokens
         self.device = next(model.parameters()).device
+        self.kept_contexts = kept_contexts
+        self._contexts: OrderedDict[tuple[int, ...], Prefix] = OrderedDict()  # least recently used first
         # bytes per token id; special ids (file headers) stand for no bytes of the file
         self._lengths = np.array([len(b) for b in tok.token_bytes], dtype=np.int64)
         self._newline = np.array([b.endswith(b"\n") for b in tok.token_bytes])
@@ -111,11 +120,23 @@ class Encoder:
     def job(self, path: str, data: bytes, chunk: Chunk, chunk_hash: str, pre: bytes,
             names: tuple[str, ...] = ()) -> Job:
         """``pre``: the file's ``preamble``, read before every chunk but the first."""
-        context = self.tok.file_header(path)
-        if chunk.start > 0 and pre:
-            context = context + self.tok.encode(pre.decode("utf-8"))
+        context = self.context(path, pre if chunk.start > 0 else b"")
         ids = self.tok.encode(data[chunk.start : chunk.end].decode("utf-8"))
         return Job(chunk, chunk_hash, context, ids, self.token_offsets(ids), names)
+
+    def context(self, path: str, pre: bytes) -> list[int]:
+        """What a chunk of ``path`` is read after: the file header, then ``pre``."""
+        header = self.tok.file_header(path)
+        return header + self.tok.encode(pre.decode("utf-8")) if pre else header
+
+    @torch.no_grad()
+    def prepare(self, context: list[int]) -> None:
+        """Read ``context`` ahead of the edits that will be encoded after it (``kept_contexts``),
+        taking the model only when completions leave it free, like a write."""
+        if not self.kept_contexts or tuple(context) in self._contexts:
+            return
+        with self.gate.write() as pause, encoding():
+            self._prefix([tuple(context)], pause)
 
     def _pieces(self, n: int, ids: list[int]) -> list[tuple[int, int]]:
         """Ranges of ``ids`` of at most ``piece_tokens``, cut after a line end where possible."""
@@ -165,7 +186,7 @@ class Encoder:
 
     def _encode_group(self, jobs: list[Job], members: list[tuple[int, int]], contexts: list[tuple[int, ...]],
                       parts: dict, pause: Callable[[], None]) -> None:
-        prefix = self.model.read_prefix([list(c) for c in contexts], pad=self.tok.eot, pause=pause)
+        prefix = self._prefix(contexts, pause)
         rows = [(j, a, b, row) for j, row in members for a, b in self._pieces(len(jobs[j].ids), jobs[j].ids)]
         rows.sort(key=lambda r: r[2] - r[1])
         i = 0
@@ -177,6 +198,20 @@ class Encoder:
             which = torch.tensor([row for *_, row in batch], device=self.device)
             self._encode_batch(jobs, [(j, a, b) for j, a, b, _ in batch], prefix, which, parts, pause)
             i = k
+
+    def _prefix(self, contexts: list[tuple[int, ...]], pause: Callable[[], None]) -> Prefix:
+        """The contexts read, or a single file's context as read last time (see ``__init__``).
+        Several files at once (indexing in bulk) are read afresh: they rarely come again."""
+        if len(contexts) != 1 or not self.kept_contexts:
+            return self.model.read_prefix([list(c) for c in contexts], pad=self.tok.eot, pause=pause)
+        key = contexts[0]
+        prefix = self._contexts.pop(key, None)
+        if prefix is None:
+            prefix = self.model.read_prefix([list(key)], pad=self.tok.eot, pause=pause)
+        self._contexts[key] = prefix
+        while len(self._contexts) > self.kept_contexts:
+            self._contexts.popitem(last=False)
+        return prefix
 
     def _encode_batch(self, jobs: list[Job], rows: list[tuple[int, int, int]], prefix: Prefix, which: torch.Tensor,
                       parts: dict, pause: Callable[[], None]) -> None:

@@ -199,6 +199,16 @@ class Indexer:
             report.seconds = time.monotonic() - t0
             return report
 
+    def prepare(self, rel: str, text: str) -> None:
+        """Read the context that ``rel``'s chunks are encoded after (its header and imports),
+        so that the first edit of a file just opened reaches the memory as fast as the next
+        ones (``Encoder.kept_contexts``).  Nothing for a file the memory would not hold."""
+        data = text.encode("utf-8")
+        if self.rules.ignored_path(rel, False) or content_problem(data, self.scan.max_bytes):
+            return
+        with self._lock:
+            self.encoder.prepare(self.encoder.context(rel, preamble(data, chunk_file(rel, data))))
+
     def gained(self, rel: str) -> frozenset[str]:
         """The top-level names that editors' edits added to ``rel`` in the last ``recent_s``
         seconds: functions typed a moment ago.  The model has never seen them written after
