@@ -88,7 +88,8 @@ class Encoder:
         ``kept_contexts``: files whose context (``Prefix``) stays read after an encoding of that
         file alone.  An editor's edit re-encodes one chunk of one file, again and again, and the
         context is most of what that reads: a 64-token function appended to a flask module is
-        read after about 100 tokens of header and imports.  One context takes about 2 MB."""
+        read after about 100 tokens of header and imports.  A context kept takes 35 KB per token
+        (keys and values of 23 blocks in float32): 3.5 MB for 100 tokens."""
         self.model = model
         self.gate = gate or ModelGate()
         self.tok = tok
