@@ -382,6 +382,40 @@ async def test_a_settings_change_reaches_the_store_and_the_running_watcher(tiny_
         folder.close()
 
 
+async def test_an_opened_buffer_has_its_context_read_before_its_first_edit(tiny_weights, workspace, tmp_path):
+    """After writing a buffer (also one just opened, which stores nothing) the server reads the
+    file's context (``Indexer.prepare``), so that its first edit encodes only its own chunk."""
+    engine = Engine.load(tiny_weights, "cpu")
+    reads: list[int] = []  # contexts per read of the model's context path
+    read_prefix = engine.loaded.model.read_prefix
+    engine.loaded.model.read_prefix = lambda contexts, **kw: reads.append(len(contexts)) or read_prefix(contexts, **kw)
+    buffers: dict[str, str] = {}
+    folder = Folder(workspace, engine, Settings(store_path=str(tmp_path / "stores"), debounce_ms=10), texts=buffers.get)
+
+    async def until(done, what: str) -> None:
+        t0 = time.monotonic()
+        while not done():
+            assert time.monotonic() - t0 < 30, what
+            await asyncio.sleep(0.02)
+
+    try:
+        folder.index(lambda p: None, lambda state: None)
+        await until(lambda: folder.state.phase == "ready", "indexing never ended")
+        assert reads and all(n > 1 for n in reads)  # the files' contexts read together: none kept
+        n = len(reads)
+        buffers["app/pricing.py"] = PRICING
+        folder.buffer_changed("app/pricing.py")  # didOpen
+        await until(lambda: len(reads) == n + 1, "the opened buffer's context was never read")
+        assert reads[-1] == 1
+        entries = folder.stats()["entries"]
+        buffers["app/pricing.py"] = PRICING + "\n\ndef surcharge(total: int) -> int:\n    return total + 5\n"
+        folder.buffer_changed("app/pricing.py")
+        await until(lambda: folder.stats()["entries"] > entries, "the edit never reached the memory")
+        assert len(reads) == n + 1  # the edit read no context
+    finally:
+        folder.close()
+
+
 async def test_device_and_store_path_changes_reopen_the_memory(client, workspace, tmp_path):
     await initialize(client, [workspace])
     first = (await wait_ready(client))["folders"][0]["store"]
