@@ -32,9 +32,8 @@ import torch
 from mtlsp.complete.completer import Completer
 from mtlsp.complete.decode import Decoder
 from mtlsp.evaluation import metrics
-from mtlsp.evaluation.run import open_memory, recalls, repository_texts
+from mtlsp.evaluation.run import prepare
 from mtlsp.evaluation.sites import cut, find_sites, sample
-from mtlsp.index.scan import ScanOptions
 from mtlsp.lsp.settings import Settings
 from mtlsp.workspace import Engine
 
@@ -52,16 +51,14 @@ def main() -> None:
     root = a.repo.resolve()
     torch.set_num_threads(os.cpu_count() or 1)
     engine = Engine.load(None, "auto")
-    scan = ScanOptions()
-    texts = repository_texts(root, scan)
-    py = sorted(p for p in texts if p.endswith(".py"))
     server = Settings()
-    store, indexer, _ = open_memory(engine, root, scan, server.memory_cap, a.cache_dir)
-    memory, _, recall, without = recalls(root, store, indexer, texts, jedi=True)
+    ready = prepare(engine, root, store_root=a.cache_dir)
+    texts, memory = ready.texts, ready.memory
+    py = sorted(p for p in texts if p.endswith(".py"))
     plain = engine.completer(server.context_tokens)
     nocopy = Completer(Decoder(engine.loaded.model, engine.loaded.tokenizer, copy=False),
                        prefix_tokens=server.context_tokens)
-    runs = {"none": (plain, without), "memory": (plain, recall), "nocopy": (nocopy, recall)}
+    runs = {"none": (plain, ready.without), "memory": (plain, ready.recall), "nocopy": (nocopy, ready.recall)}
     sites = sample(find_sites({p: texts[p] for p in py}), a.sites, a.seed)
     rows: dict[str, list[dict]] = {v: [] for v in VARIANTS}
     for i, s in enumerate(sites):
@@ -83,7 +80,7 @@ def main() -> None:
                    "exact": 100 * statistics.mean(r["exact"] for r in rs),
                    "ms_p50": statistics.median(r["ms"] for r in rs)} for v, rs in rows.items()}
     differ = sum(rows["memory"][i]["prediction"] != rows["none"][i]["prediction"] for i in range(len(sites)))
-    result = {"repo": str(root), "sites": len(sites), "seed": a.seed, "memory_tokens": store.stats()["entries"],
+    result = {"repo": str(root), "sites": len(sites), "seed": a.seed, "memory_tokens": ready.store.stats()["entries"],
               "lines_that_differ_memory_vs_none": differ, "summary": summary, "rows": rows,
               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}

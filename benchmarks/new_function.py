@@ -29,8 +29,7 @@ from pathlib import Path
 import torch
 
 from mtlsp.evaluation import fresh, metrics
-from mtlsp.evaluation.run import TYPED, open_memory, recalls, repository_texts
-from mtlsp.index.scan import ScanOptions
+from mtlsp.evaluation.run import TYPED, prepare
 from mtlsp.lsp.settings import Settings
 from mtlsp.workspace import Engine
 
@@ -51,22 +50,21 @@ def main() -> None:
     engine = Engine.load(None, "auto")
     if a.no_kept_contexts:
         engine.encoder.kept_contexts = 0
-    scan = ScanOptions()
-    texts = repository_texts(root, scan)
     server = Settings()
-    store, indexer, _ = open_memory(engine, root, scan, server.memory_cap, a.cache_dir)
+    ready = prepare(engine, root, store_root=a.cache_dir)
+    texts = ready.texts
     completer = engine.completer(server.context_tokens)
-    _, lines, recall, without = recalls(root, store, indexer, texts, jedi=True)
     # in ``mtlsp eval`` the trials follow the call sites: the first requests of a process (jedi's
     # imports, the first passes of each shape) are paid before them, as here
     warm = sorted(p for p in texts if p.endswith(".py"))[0]
-    completer.inline("bench://warm-up", warm, texts[warm], len(texts[warm]) // 2, recall, max_tokens=server.max_tokens)
-    completer.popup("bench://warm-up", warm, texts[warm], len(texts[warm]) // 2, recall)
+    middle = len(texts[warm]) // 2
+    completer.inline("bench://warm-up", warm, texts[warm], middle, ready.recall, max_tokens=server.max_tokens)
+    completer.popup("bench://warm-up", warm, texts[warm], middle, ready.recall)
     completer.forget("bench://warm-up")
     trials = []
-    for module, caller, name, body in fresh.plan_trials(texts, set(store.files()), a.trials, a.seed):
-        t = asdict(fresh.run_trial(completer, indexer, recall, without, lines, texts, module, caller, name, body,
-                                   TYPED, server.max_tokens))
+    for module, caller, name, body in fresh.plan_trials(texts, set(ready.store.files()), a.trials, a.seed):
+        t = asdict(fresh.run_trial(completer, ready.indexer, ready.recall, ready.without, ready.lines, texts, module,
+                                   caller, name, body, TYPED, server.max_tokens))
         trials.append(t)
         print(f"{module} -> {caller}: " + ", ".join(f"{k} {_ms(t[k])}" for k in CLOCKS), flush=True)
     summary = {}

@@ -228,6 +228,35 @@ def test_an_opened_file_has_its_context_read_before_its_first_edit(tmp_path, tok
                                atol=2e-3)
 
 
+def test_a_buffer_just_written_is_not_parsed_again_to_read_its_context(tmp_path, tok, tiny_cfg, monkeypatch):
+    """The server calls ``prepare`` after every buffer write: the text ``update_text`` just
+    parsed is not parsed again for its context, a text it never saw is, and either way the
+    context read is the one the file's chunks are encoded after."""
+    from mtlsp.index import indexer as indexer_module
+
+    parsed = []
+    chunk_file = indexer_module.chunk_file
+    monkeypatch.setattr(indexer_module, "chunk_file", lambda rel, data: parsed.append(rel) or chunk_file(rel, data))
+    from mtlsp.index.encode import preamble
+
+    text = "".join(f"import mod{i}\n" for i in range(5)) + "\n\n" + PY
+    root = tmp_path / "ws"
+    write(root, "m.py", text)
+    encoder = Encoder(random_model(tiny_cfg), tok, piece_tokens=64, kept_contexts=2)
+    ix = make_indexer(root, tmp_path / "store", encoder)
+    ix.refresh()
+    parsed.clear()
+    edited = text.replace("return y * 2", "return y * 3")
+    ix.update_text("m.py", edited)
+    ix.prepare("m.py", edited)
+    assert parsed == ["m.py"]  # by update_text alone
+    data = edited.encode()
+    context = encoder.context("m.py", preamble(data, chunk_file("m.py", data)))
+    assert len(context) > len(tok.file_header("m.py")) and list(encoder._contexts) == [tuple(context)]
+    ix.prepare("m.py", text)  # a text update_text was not given: parsed
+    assert parsed == ["m.py", "m.py"]
+
+
 def test_chunks_read_after_their_shared_context_get_the_entries_of_context_plus_chunk(tok, tiny_cfg):
     """The encoder reads each file's context once for all its chunks, a few files at a time;
     each chunk's entries must be those of reading context + chunk from scratch."""

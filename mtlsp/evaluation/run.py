@@ -115,26 +115,39 @@ def _calibrate_stuffing(engine: Engine, completer: Completer, memory: StoreMemor
     return {"tokens": chosen, "memory_prefill_ms": budget_ms, "stuffed_prefill_ms": measured}
 
 
-def open_memory(engine: Engine, root: Path, scan: ScanOptions, cap_tokens: int, store_root: Path | None,
-                progress: Callable[[IndexProgress], None] | None = None) -> tuple[MemoryStore, Indexer, Report]:
-    """The repository's memory, built the way the server builds it but in a store of its own
-    (``<store_root>/eval``, by default under the cache root), brought up to date, its index ready."""
+@dataclass
+class Prepared:
+    """A repository ready to complete in, as every condition of an evaluation reads it."""
+
+    texts: dict[str, str]  # every file the indexer would read
+    store: MemoryStore
+    indexer: Indexer
+    report: Report  # what bringing the memory up to date took
+    memory: StoreMemory  # the store as the model reads it (``hide`` the file being completed)
+    lines: callsites.LineIndex  # lines of ``texts``, for provenance
+    recall: Recall  # the server's view: memory and candidate names (jedi's too where asked)
+    without: Recall  # the same candidate names without the memory
+
+
+def prepare(engine: Engine, root: Path, texts: dict[str, str] | None = None, *,
+            cap_tokens: int = _SERVER.memory_cap, store_root: Path | None = None, jedi: bool = True,
+            progress: Callable[[IndexProgress], None] | None = None) -> Prepared:
+    """The repository's memory, built the way the server builds it (``Indexer.refresh``, same
+    scan rules, chunks and cap) but in a store of its own (``<store_root>/eval``, by default under
+    the cache root) so that an evaluation never touches a running server's; brought up to date,
+    its index ready; and the views the conditions compare.  ``texts``: ``repository_texts``,
+    where the caller has read them."""
+    scan = ScanOptions()
+    texts = repository_texts(root, scan) if texts is None else texts
     store, indexer = engine.open_memory(root, cap_tokens=cap_tokens, scan=scan, ann_background=False,
                                         cache_root=(store_root or default_cache_root()) / "eval")
     report = indexer.refresh(progress)
     store.wait_for_index()
-    return store, indexer, report
-
-
-def recalls(root: Path, store: MemoryStore, indexer: Indexer, texts: dict[str, str],
-            jedi: bool) -> tuple[StoreMemory, callsites.LineIndex, Recall, Recall]:
-    """The store as the model reads it, lines of ``texts`` for provenance, and the two views
-    the conditions compare: the server's (memory and candidate names, jedi's too where
-    ``jedi``), and the same candidate names without the memory."""
     names = Sources(lambda: [n for ns in store.names().values() for n in ns],
                     Jedi(root).names_at if jedi else None, ModuleNames(texts.get, indexer.gained))
     memory, lines = StoreMemory(store), callsites.LineIndex(texts)
-    return memory, lines, Recall(memory, lines, names), Recall(None, lines, names)
+    return Prepared(texts, store, indexer, report, memory, lines, Recall(memory, lines, names),
+                    Recall(None, lines, names))
 
 
 def evaluate(root: Path, engine: Engine, options: Options, manifest: dict, progress: Progress) -> dict:
@@ -142,16 +155,17 @@ def evaluate(root: Path, engine: Engine, options: Options, manifest: dict, progr
     refuse_trained_on(root, manifest)
     torch.manual_seed(options.seed)
     t_start = time.perf_counter()
-    scan = ScanOptions()
-    texts = repository_texts(root, scan)
+    texts = repository_texts(root, ScanOptions())
     py = sorted(p for p in texts if p.endswith(".py"))
     if not py:
         raise ValueError(f"{root} holds no Python files to evaluate")
     tok = engine.loaded.tokenizer
     model = engine.loaded.model
 
-    store, indexer, report = open_memory(engine, root, scan, options.memory_cap, options.store_root,
-                                         lambda p: progress("index", p.files_done, p.files_total))
+    ready = prepare(engine, root, texts, cap_tokens=options.memory_cap, store_root=options.store_root,
+                    jedi=options.jedi, progress=lambda p: progress("index", p.files_done, p.files_total))
+    store, indexer, memory, lines = ready.store, ready.indexer, ready.memory, ready.lines
+    recall, without = ready.recall, ready.without
     stored = store.files()
     memory_tokens = sum(f.tokens for f in stored.values())
 
@@ -172,7 +186,6 @@ def evaluate(root: Path, engine: Engine, options: Options, manifest: dict, progr
     all_sites = find_sites({p: texts[p] for p in py})
     sites = sample(all_sites, options.limit, options.seed)
     completer = engine.completer(_SERVER.context_tokens)
-    memory, lines, recall, without = recalls(root, store, indexer, texts, options.jedi)
     conditions = [callsites.Condition("memory", recall), callsites.Condition("memory_only", recall, names=False),
                   callsites.Condition("none", without)]
     stuffing_info = None
@@ -219,8 +232,8 @@ def evaluate(root: Path, engine: Engine, options: Options, manifest: dict, progr
         "path": str(root),
         "memory": {
             "files": len(stored), "tokens": memory_tokens, "cap": options.memory_cap,
-            "evicted_files": len(store.evicted()), "tokens_encoded": report.tokens_encoded,
-            "index_seconds": report.seconds, "backend": store.stats().get("backend"),
+            "evicted_files": len(store.evicted()), "tokens_encoded": ready.report.tokens_encoded,
+            "index_seconds": ready.report.seconds, "backend": store.stats().get("backend"),
         },
         "bits": bpt,
         "memory_curve": curve,

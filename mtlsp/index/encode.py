@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -130,14 +131,20 @@ class Encoder:
         header = self.tok.file_header(path)
         return header + self.tok.encode(pre.decode("utf-8")) if pre else header
 
-    @torch.no_grad()
     def prepare(self, context: list[int]) -> None:
         """Read ``context`` ahead of the edits that will be encoded after it (``kept_contexts``),
         taking the model only when completions leave it free, like a write."""
         if not self.kept_contexts or tuple(context) in self._contexts:
             return
-        with self.gate.write() as pause, encoding():
+        with self._writing() as pause:
             self._prefix([tuple(context)], pause)
+
+    @contextmanager
+    def _writing(self) -> Iterator[Callable[[], None]]:
+        """The model, for reading into the memory: once completions leave it free (the gate's
+        ``pause`` lets them in between blocks), without gradients, in encoding mode."""
+        with torch.no_grad(), self.gate.write() as pause, encoding():
+            yield pause
 
     def _pieces(self, n: int, ids: list[int]) -> list[tuple[int, int]]:
         """Ranges of ``ids`` of at most ``piece_tokens``, cut after a line end where possible."""
@@ -152,7 +159,6 @@ class Encoder:
             a = b
         return out
 
-    @torch.no_grad()
     def encode(self, jobs: list[Job]) -> list[Entries]:
         """Entries for each job, in order.
 
@@ -164,7 +170,7 @@ class Encoder:
         group: dict[tuple[int, ...], int] = {}  # context -> its row in the group's prefix
         members: list[tuple[int, int]] = []  # (job, its context's row)
         held = 0  # context tokens in the group
-        with self.gate.write() as pause, encoding():
+        with self._writing() as pause:
             for j, job in enumerate(jobs):
                 key = tuple(job.context)
                 if key not in group and group and held + len(key) > self.context_tokens:

@@ -28,6 +28,7 @@ from .encode import Encoder, Job, chunk_hashes, preamble
 from .scan import Rules, ScanOptions, content_problem, read_text, walk
 
 log = logging.getLogger("mtlsp.indexer")
+_BUFFER_CONTEXTS = 64
 
 
 @dataclass
@@ -71,6 +72,7 @@ class _Plan:
     digest: str
     data: bytes
     chunks: list  # KeptChunk | Job, in file order
+    context: list[int]  # what its chunks but the first are read after (``Encoder.context``)
 
 
 class Indexer:
@@ -94,6 +96,8 @@ class Indexer:
         self._lock = threading.Lock()  # one plan or commit at a time (the encoder is not reentrant)
         self.recent_s = recent_s
         self._gained: dict[str, dict[str, float]] = {}  # rel -> top-level name an edit added -> when
+        # rel -> (content digest, context) of the buffers ``update_text`` and ``prepare`` were given
+        self._buffer_contexts: dict[str, tuple[str, list[int]]] = {}
 
     # ------------------------------------------------------------------ whole folder
 
@@ -194,6 +198,7 @@ class Indexer:
                 # rebuilt at each generation, and every buffer write makes one
                 held = self.store.file_info(rel)
                 self._commit([plan], report)
+                self._note_context(rel, plan.digest, plan.context)
                 if held is not None:  # a file the memory held: what did the edit add?
                     self._note_gained(rel, plan.data, {n for c in held.chunks for n in c.names})
             report.seconds = time.monotonic() - t0
@@ -206,8 +211,20 @@ class Indexer:
         data = text.encode("utf-8")
         if self.rules.ignored_path(rel, False) or content_problem(data, self.scan.max_bytes):
             return
+        digest = hashlib.blake2b(data, digest_size=16).hexdigest()
         with self._lock:
-            self.encoder.prepare(self.encoder.context(rel, preamble(data, chunk_file(rel, data))))
+            got = self._buffer_contexts.get(rel)
+            if got is None or got[0] != digest:  # not the text ``update_text`` just planned: parse it
+                got = (digest, self.encoder.context(rel, preamble(data, chunk_file(rel, data))))
+                self._note_context(rel, *got)
+            self.encoder.prepare(got[1])
+
+    def _note_context(self, rel: str, digest: str, context: list[int]) -> None:
+        """Remember a buffer's context, the last ``_BUFFER_CONTEXTS`` buffers' (editors open few)."""
+        self._buffer_contexts.pop(rel, None)
+        self._buffer_contexts[rel] = (digest, context)
+        while len(self._buffer_contexts) > _BUFFER_CONTEXTS:
+            del self._buffer_contexts[next(iter(self._buffer_contexts))]
 
     def gained(self, rel: str) -> frozenset[str]:
         """The top-level names that editors' edits added to ``rel`` in the last ``recent_s``
@@ -282,7 +299,7 @@ class Indexer:
             else:
                 inside = tuple(dict.fromkeys(n for at, n in names if c.start <= at < c.end))
                 planned.append(self.encoder.job(rel, data, c, h, pre, inside))
-        return _Plan(rel, digest, data, planned)
+        return _Plan(rel, digest, data, planned, self.encoder.context(rel, pre))
 
     def _commit(self, plans: list[_Plan], report: Report) -> int:
         """Encode the plans' new chunks and store all plans in one generation."""
