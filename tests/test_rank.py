@@ -9,7 +9,7 @@ from mtlsp_model.memory import TensorMemory
 
 from mtlsp.complete import candidates, prompt
 from mtlsp.complete.decode import Decoder
-from mtlsp.complete.rank import Ranker
+from mtlsp.complete.rank import Prior, Ranker
 
 SRC = "from app import pricing\n\n\ndef report(lines):\n    total = pricing.su"
 
@@ -28,8 +28,14 @@ def test_pool_merges_sources_in_order_and_filters_by_the_typed_word():
                                  static=lambda path, text, cursor: ["sum_from_jedi", "subtotal"])
     got = candidates.pool("app/report.py", SRC, len(SRC), "su", sources)
     assert got[:3] == ["sum_from_jedi", "subtotal", "summarize_quarterly_ledger"]
+    assert got.bound == {"sum_from_jedi", "subtotal"}  # what static analysis sees at the cursor
+    assert not candidates.pool("app/report.py", SRC, len(SRC), "su", candidates.Sources(names=sources.names)).bound
     assert "su" not in got and "apply" not in got
     assert "sum" not in got  # after "pricing." builtins are no attributes
+    text = "from x import y\nz = FieldInfo.fr"
+    assert candidates.pool("a.py", text, len(text), "fr", None) == []  # nor keywords, whatever the file holds
+    assert candidates.pool("a.py", "x = fr", 6, "fr", candidates.Sources(names=lambda: ["frozen"]))[:2] == [
+        "frozen", "from"]
     plain = "x = su"
     assert "sum" in candidates.pool("a.py", plain, len(plain), "su", None)  # elsewhere they are
     assert "sum" not in candidates.pool("a.js", plain, len(plain), "su", None)  # Python's only
@@ -43,6 +49,9 @@ def test_after_a_workspace_module_only_its_names_count_as_its_buffer_defines_the
                                  modules=modules)
     assert candidates.pool("app/report.py", SRC, len(SRC), "su", sources) == ["subtotal"]
     assert candidates.pool("app/report.py", SRC, len(SRC), "su", sources).closed  # all there can be
+    with_static = candidates.Sources(names=sources.names, static=lambda path, text, cursor: ["subtotal"],
+                                     modules=modules)
+    assert not candidates.pool("app/report.py", SRC, len(SRC), "su", with_static).bound  # the module's list rules
     assert not candidates.pool("a.py", "x = su", 6, "su", sources).closed
     # the unsaved buffer gains a function: it is an attribute at once; nested names never are
     files["app/pricing.py"] += "\ndef summarize_quarterly_ledger(lines):\n    return 0\n"
@@ -131,6 +140,31 @@ def test_a_narrow_beam_finds_at_best_what_reading_the_whole_trie_finds(setup, to
     narrow = Ranker(decoder, tree_nodes=0).rank(ctx, head, names, memory, width=2, top=1)
     assert narrow[0].logprob <= wide[0].logprob + 1e-6
     assert ranker.rank(ctx, head, [], memory) == []
+
+
+@pytest.mark.parametrize("tree_nodes", [96, 0], ids=["trie read whole", "beam"])
+def test_names_static_analysis_does_not_list_lose_the_prior_s_nats(setup, tok, tree_nodes):
+    """A name outside the static list scores its log-probability less ``outside``; the best
+    bound name then wins unless the model prefers another by more than that.  The beam,
+    scoring partial names with the best prior below them, finds what the whole trie finds."""
+    _, decoder, memory = setup
+    p = prompt.build(tok, "app/report.py", SRC, len(SRC), prefix_tokens=200)
+    head = p.required[: len(p.required) - len(p.typed)]
+    names = [f"su{w}" for w in ("m", "per", "btotal", "mmary", "mmarize_ledger", "pplier", "rface", "ffix")]
+    ctx = decoder.prefill(p.ids, memory)
+    plain = {r.name: r.logprob for r in Ranker(decoder).rank(ctx, head, names, memory, width=32, top=len(names))}
+    worst = min(plain, key=plain.get)
+    bound = frozenset({worst, "not_a_candidate"})
+    gap = max(plain.values()) - plain[worst]
+    ranker = Ranker(decoder, tree_nodes=tree_nodes)
+    got = ranker.rank(ctx, head, names, memory, width=32, top=len(names), prior=Prior(bound, gap + 1.0))
+    assert got[0].name == worst and got[0].logprob == pytest.approx(plain[worst], abs=1e-3)
+    for r in got[1:]:
+        assert r.logprob == pytest.approx(plain[r.name] - gap - 1.0, abs=1e-3)
+    assert ranker.rank(ctx, head, names, memory, width=2, top=1, prior=Prior(bound, gap + 1.0))[0].name == worst
+    unbound = Ranker(decoder, tree_nodes=tree_nodes).rank(ctx, head, names, memory, width=32, top=1,
+                                                          prior=Prior(frozenset(), 50.0))
+    assert unbound[0].logprob == pytest.approx(max(plain.values()), abs=1e-3)  # no list, no prior
 
 
 def test_margin_and_floor_drop_only_names_that_are_not_wanted(setup, tok):

@@ -199,28 +199,36 @@ class Names(list):
     """Candidate names, best-informed sources first.  ``closed``: they are all there can be (the
     attributes of a workspace module), so the best of them may be taken however unlikely the
     model finds it.  ``first``: those an edit added to that module a moment ago, which go
-    before the others whatever the model thinks of them."""
+    before the others whatever the model thinks of them.  ``bound``: those static analysis
+    lists at the cursor (empty where it found none of them): the others are names it cannot see
+    there, an attribute the object lacks or a name no import binds."""
 
     closed: bool = False
     first: frozenset[str] = frozenset()
+    bound: frozenset[str] = frozenset()
 
 
 def pool(path: str, text: str, cursor: int, typed: str, sources: Sources | None, limit: int = 4000) -> Names:
     """Existing names that complete ``typed`` (longer than it), best-informed sources first.
-    After ``x.`` the language's builtins and keywords are left out: they are not attributes; after
-    ``module.`` (a workspace module) only static analysis and the module's own names count."""
+    After ``x.`` the language's builtins and keywords are left out: they are not attributes (a
+    Python keyword never is: ``x.from`` does not parse, though the file's own words hold it);
+    after ``module.`` (a workspace module) only static analysis and the module's own names count."""
     out: dict[str, None] = {}
+    python = path.endswith((".py", ".pyi"))
+    word_start = cursor - len(typed)
+    attribute = text[:word_start].endswith(".")
 
     def add(names: Iterable[str]) -> None:
         for n in names:
             if len(out) >= limit:
                 return
-            if n.startswith(typed) and n != typed and n not in out and IDENTIFIER.fullmatch(n):
+            if n.startswith(typed) and n != typed and n not in out and IDENTIFIER.fullmatch(n) and not (
+                    attribute and python and keyword.iskeyword(n)):
                 out[n] = None
 
-    if sources is not None and sources.static is not None and path.endswith((".py", ".pyi")):
+    if sources is not None and sources.static is not None and python:
         add(sources.static(path, text, cursor))
-    word_start = cursor - len(typed)
+    bound = frozenset(out)
     module = attribute_module(path, text, word_start, sources.modules if sources is not None else None)
     if module is not None:
         add(module.names)
@@ -231,7 +239,8 @@ def pool(path: str, text: str, cursor: int, typed: str, sources: Sources | None,
     if sources is not None:
         add(sources.names())
     add(m.group(0) for m in IDENTIFIER.finditer(text) if not m.start() <= word_start <= m.end())
-    attribute = text[:word_start].endswith(".")
-    if path.endswith((".py", ".pyi")) and not attribute:
+    if python and not attribute:
         add(sorted(_PYTHON))
-    return Names(out)
+    names = Names(out)
+    names.bound = bound
+    return names

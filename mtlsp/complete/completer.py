@@ -26,13 +26,14 @@ import torch
 
 from . import candidates, prompt, stops
 from .decode import Context, Decoder, Evidence, check, common_prefix, guess
-from .rank import Ranked, Ranker
+from .rank import Prior, Ranked, Ranker
 from .retrieval import StoreMemory
 
 LineOf = Callable[[str, int], int]  # (path, byte offset) -> 1-based line
 # name -> (log-probability, the memory evidence along it, computed on demand): what a ranking scored
 Scored = dict[str, tuple[float, Callable[[], Sequence[Evidence | None]]]]
 _PLAUSIBLE = 6.0  # popup items within this many nats of the best
+UNBOUND = 4.0  # see ``Completer``; measured in docs/eval/README.md
 _NAME_FLOOR = -12.0  # elsewhere ghost text starts with an existing name only if the model finds it this likely
 _IMPORTING = re.compile(r"\s*(import|from)\s")  # names an import binds need not exist yet
 
@@ -147,8 +148,11 @@ def support(evidence: Sequence[Evidence | None], recall: Recall, top: int = 5) -
 
 
 class Completer:
-    def __init__(self, decoder: Decoder, *, prefix_tokens: int = 384, max_docs: int = 8, guess_tokens: int = 3) -> None:
+    def __init__(self, decoder: Decoder, *, prefix_tokens: int = 384, max_docs: int = 8, guess_tokens: int = 3,
+                 unbound: float = UNBOUND) -> None:
         """``guess_tokens``: tokens guessed ahead while writing ghost text (``_advance``; 0: none).
+        ``unbound``: nats a candidate name loses where static analysis lists others but not it
+        (``rank.Prior``; 0: the model alone ranks them).
         ``max_docs``: documents whose model state is kept.  A prompt's keys and values take
         about 18 MB (384 tokens, 30 layers, float32), two per document; an editor with many
         files open would otherwise hold them all, while only the ones being typed in pay off."""
@@ -158,6 +162,7 @@ class Completer:
         self.prefix_tokens = prefix_tokens
         self.max_docs = max_docs
         self.guess_tokens = guess_tokens
+        self.unbound = unbound
         self._docs: OrderedDict[str, _Doc] = OrderedDict()  # least recently used first
         self._lock = threading.Lock()
         self._aside = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtlsp-names")  # see ``_read``
@@ -334,12 +339,13 @@ class Completer:
         else:
             ctx, pool = self._read(doc, "popup", p.ids, memory, cancel, find)
         if pool:  # the model ranks names that exist
+            prior = self._prior(pool)
             scored = {r.name: (r.logprob, r.trail) for r in self.ranker.score(
-                ctx, p.head, pool, memory, width=width, top=items, margin=_PLAUSIBLE, cancel=cancel)}
+                ctx, p.head, pool, memory, width=width, top=items, margin=_PLAUSIBLE, prior=prior, cancel=cancel)}
             unscored = sorted(pool.first - scored.keys())  # a beam may not have reached them
             if unscored:
                 scored.update((r.name, (r.logprob, r.trail)) for r in self.ranker.score(
-                    ctx, p.head, unscored, memory, width=width, top=len(unscored), cancel=cancel))
+                    ctx, p.head, unscored, memory, width=width, top=len(unscored), prior=prior, cancel=cancel))
         else:  # nothing known to rank: the model's own beam
             scored = self._beam(ctx, p, memory, width=width, max_steps=max_steps, items=items, cancel=cancel)
         doc.listed = _Listed(p.ids, p.typed, frozenset(pool), scored)
@@ -349,13 +355,18 @@ class Completer:
         """The existing name ghost text starts with, if one is likely enough: elsewhere above
         ``_NAME_FLOOR``; after ``module.`` (a closed pool) the best one however unlikely, and
         the best of those an edit added a moment ago (``pool.first``) before any other."""
+        prior = self._prior(pool)
         if pool.first:
             # the whole pool, as the popup at this keystroke ranks it (one trie read serves both)
-            lead = [r for r in self.ranker.score(ctx, head, pool, memory, width=4, top=1, cancel=cancel)
+            lead = [r for r in self.ranker.score(ctx, head, pool, memory, width=4, top=1, prior=prior, cancel=cancel)
                     if r.name in pool.first]
-            return lead[:1] or self.ranker.rank(ctx, head, sorted(pool.first), memory, width=4, top=1, cancel=cancel)
+            return lead[:1] or self.ranker.rank(ctx, head, sorted(pool.first), memory, width=4, top=1, prior=prior,
+                                                cancel=cancel)
         floor = None if pool.closed else _NAME_FLOOR
-        return self.ranker.rank(ctx, head, pool, memory, width=4, top=1, floor=floor, cancel=cancel)
+        return self.ranker.rank(ctx, head, pool, memory, width=4, top=1, floor=floor, prior=prior, cancel=cancel)
+
+    def _prior(self, pool: candidates.Names) -> Prior:
+        return Prior(pool.bound, self.unbound)
 
     def _beam(self, ctx: Context, p: prompt.Prompt, memory, *, width: int, max_steps: int, items: int,
               cancel) -> Scored:

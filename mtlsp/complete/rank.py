@@ -31,6 +31,7 @@ from .decode import Context, Decoder, Evidence, check
 class _Node:
     children: dict[int, _Node] = field(default_factory=dict)
     ends: list[str] = field(default_factory=list)
+    prior: float = float("-inf")  # the best prior of the names at or below this node
 
 
 @dataclass
@@ -40,6 +41,23 @@ class Ranked:
     # on demand, since only the names shown need them:
     trail: Callable[[], list[Evidence | None]]  # what the memory heads read along the name
     read: Callable[[], Context]  # the prompt and the name, read: ghost text continues from there
+
+
+@dataclass(frozen=True)
+class Prior:
+    """What is known of the names before the model reads them: static analysis listed
+    ``bound`` at the cursor, so a name outside that list is most likely wrong there (an
+    attribute the object lacks, a name no import binds) and loses ``outside`` nats.  No list, no
+    prior: static analysis found nothing, or the names are all there can be."""
+
+    bound: frozenset[str] = frozenset()
+    outside: float = 0.0
+
+    def __call__(self, name: str) -> float:
+        return -self.outside if self.bound and name not in self.bound else 0.0
+
+
+NO_PRIOR = Prior()
 
 
 class Ranker:
@@ -80,14 +98,15 @@ class Ranker:
 
     def rank(self, ctx: Context, head: bytes, names: list[str], memory, *, width: int = 8, top: int = 8,
              max_depth: int = 16, margin: float | None = None, floor: float | None = None,
-             cancel: threading.Event | None = None) -> list[Ranked]:
+             prior: Prior = NO_PRIOR, cancel: threading.Event | None = None) -> list[Ranked]:
         """The ``top`` names, best first.  ``head``: bytes every name follows (the healed token).
 
         ``margin``: names more than this many nats below the best are not wanted; ``floor``: nor
         are names at or below this log-probability.  ``width``: the beam of a large trie.
+        ``prior``: added to each name's log-probability (``Ranked.logprob`` includes it).
         """
         found = self.score(ctx, head, names, memory, width=width, top=top, max_depth=max_depth,
-                           margin=margin, floor=floor, cancel=cancel)
+                           margin=margin, floor=floor, prior=prior, cancel=cancel)
         if found and margin is not None:
             found = [r for r in found if r.logprob >= found[0].logprob - margin]
         if floor is not None:
@@ -96,7 +115,7 @@ class Ranker:
 
     def score(self, ctx: Context, head: bytes, names: list[str], memory, *, width: int = 8, top: int = 8,
               max_depth: int = 16, margin: float | None = None, floor: float | None = None,
-              cancel: threading.Event | None = None) -> list[Ranked]:
+              prior: Prior = NO_PRIOR, cancel: threading.Event | None = None) -> list[Ranked]:
         """Every name the ranking scored, best first: all of a trie read whole; of a larger one,
         those the beam finished before ``top``, ``margin`` and ``floor`` ended its search.  A
         popup keeps them, so that a keystroke can be answered from them (``completer.py``).
@@ -110,7 +129,7 @@ class Ranker:
         A beam's answer is not kept: it depends on how far the search went (the ghost text's
         stops sooner than the popup's), and each name it finished holds a whole copy of the
         prompt state (18 MB at 384 tokens) where a trie holds one."""
-        question = (head, tuple(names), max_depth)
+        question = (head, tuple(names), max_depth, prior)
         last, self._last = self._last, None  # kept for one more answer at most: a trie is ~40 MB
         if last is not None and last[0] is ctx and last[1] is memory and last[2] == question:
             return list(last[3])
@@ -121,23 +140,26 @@ class Ranker:
             ids = self._tokens(head, name)
             if not ids or len(ids) > max_depth or len(ctx.ids) + len(ids) >= self.decoder.window:
                 continue
+            weight = prior(name)
             for t in ids:
                 if t not in node.children:
                     size += 1
                 node = node.children.setdefault(t, _Node())
+                node.prior = max(node.prior, weight)
             node.ends.append(name)
         if not size:
             return []
         if size > self.tree_nodes:
-            found = self._search(ctx, root, memory, width, top, margin, floor, cancel)
+            found = self._search(ctx, root, memory, width, top, margin, floor, prior, cancel)
             found.sort(key=lambda r: -r.logprob)
             return found
-        found = self._read_whole(ctx, root, memory, cancel)
+        found = self._read_whole(ctx, root, memory, prior, cancel)
         found.sort(key=lambda r: -r.logprob)
         self._last = (ctx, memory, question, found)
         return list(found)
 
-    def _read_whole(self, ctx: Context, root: _Node, memory, cancel: threading.Event | None) -> list[Ranked]:
+    def _read_whole(self, ctx: Context, root: _Node, memory, prior: Prior,
+                    cancel: threading.Event | None) -> list[Ranked]:
         """Every name of the trie, scored from one forward pass over all its nodes."""
         check(cancel)
         tokens: list[int] = []
@@ -160,24 +182,24 @@ class Ranker:
             score.append(gained[i] + (score[p] if p >= 0 else 0.0))
         nodes = sorted({i for i, _ in ends})  # every leaf ends a name: never empty
         boundary = dict(zip(nodes, self._boundaries(tree.logits[nodes]).tolist(), strict=True))
-        return [Ranked(name, score[i] + boundary[i],
+        return [Ranked(name, score[i] + boundary[i] + prior(name),
                        lambda i=i: [ctx.evidence] + [tree.evidence(j) for j in tree.path(i)],
                        lambda i=i: tree.context(i))
                 for i, name in ends]
 
     def _search(self, ctx: Context, root: _Node, memory, width: int, top: int, margin: float | None,
-                floor: float | None, cancel: threading.Event | None) -> list[Ranked]:
-        """A beam over the trie: the best ``width`` partial names advance one token per step.
-        Partial names already below what ``top``, ``margin`` or ``floor`` keep are dropped (a
-        name's score only falls as it grows), which ends the search sooner without changing
-        what is kept."""
+                floor: float | None, prior: Prior, cancel: threading.Event | None) -> list[Ranked]:
+        """A beam over the trie: the best ``width`` partial names advance one token per step,
+        each scored with the best prior of the names it may become.  Partial names already below
+        what ``top``, ``margin`` or ``floor`` keep are dropped (that score only falls as a name
+        grows), which ends the search sooner without changing what is kept."""
         beams: list[tuple[float, Context, _Node, list]] = [(0.0, ctx, root, [ctx.evidence])]
         finished: list[Ranked] = []
         while beams:
             check(cancel)
             grown = [(score + float(c.logits[t]), c, t, child, ev)
                      for score, c, node, ev in beams for t, child in node.children.items()]
-            grown.sort(key=lambda g: -g[0])
+            grown.sort(key=lambda g: -(g[0] + g[3].prior))
             scores = sorted((r.logprob for r in finished), reverse=True)
             bars = [floor] if floor is not None else []
             if len(scores) >= top:
@@ -185,7 +207,7 @@ class Ranker:
             if scores and margin is not None:
                 bars.append(scores[0] - margin)
             bar = max(bars) if bars else None
-            grown = [g for g in grown[:width] if bar is None or g[0] > bar]  # scores only fall
+            grown = [g for g in grown[:width] if bar is None or g[0] + g[3].prior > bar]
             if not grown:
                 break
             stepped = self.decoder.step([g[1] for g in grown], [g[2] for g in grown], memory)
@@ -193,7 +215,8 @@ class Ranker:
             for (score, _, _, child, ev), c in zip(grown, stepped, strict=True):
                 trail = ev + [c.evidence]
                 for name in child.ends:
-                    finished.append(Ranked(name, score + self.boundary(c.logits), lambda t=trail: t, lambda c=c: c))
+                    finished.append(Ranked(name, score + self.boundary(c.logits) + prior(name), lambda t=trail: t,
+                                           lambda c=c: c))
                 if child.children:
                     beams.append((score, c, child, trail))
         return finished
