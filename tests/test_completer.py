@@ -231,3 +231,21 @@ def test_after_a_module_the_names_an_edit_added_a_moment_ago_lead(completer):
     assert words[0] == last
     rest = sorted((n for n in scores if n != last), key=lambda n: -scores[n][0])
     assert words[1:] == [n for n in rest if n in words[1:]] and words[1] == rest[0]
+
+
+def test_a_name_static_analysis_lists_outranks_one_it_does_not_by_the_prior(tok):
+    """Where jedi lists names at the cursor, the others lose ``unbound`` nats in the popup's
+    ranking; without the prior the model's order stands."""
+    names = ["line_total", "lines_sorted", "linear", "lineage"]
+    text = BASE + "rows.li"  # after "x." no builtins: a small trie, every name scored exactly
+    model = random_model(tiny_config(tok.vocab_size), seed=0)
+    plain = Completer(Decoder(model, tok, window=512), unbound=0.0)
+    recall = Recall(None, lambda path, offset: 0, Sources(lambda: list(names)))
+    _, items = plain.popup(A, PATH, text, len(text), recall)
+    last = next(n for n in names if n != items[0].word)  # a name the model finds less likely
+    static = Recall(None, lambda path, offset: 0, Sources(lambda: list(names), static=lambda p, t, c: [last]))
+    weighted = Completer(Decoder(model, tok, window=512), unbound=1e4)
+    _, items = weighted.popup(A, PATH, text, len(text), static)
+    assert items[0].word == last and all(c.logprob < -1e3 for c in items[1:])
+    _, items = Completer(Decoder(model, tok, window=512), unbound=0.0).popup(A, PATH, text, len(text), static)
+    assert items[0].word != last  # without the prior the model's order stands
