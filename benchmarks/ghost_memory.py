@@ -19,40 +19,28 @@ file hidden as there.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import platform
 import statistics
-import time
-from pathlib import Path
 
-import torch
+from repository import open_repository, parser, provenance
 
 from mtlsp.complete.completer import Completer
 from mtlsp.complete.decode import Decoder
 from mtlsp.evaluation import metrics
-from mtlsp.evaluation.run import prepare
 from mtlsp.evaluation.sites import cut, find_sites, sample
 from mtlsp.lsp.settings import Settings
-from mtlsp.workspace import Engine
 
 VARIANTS = ("none", "memory", "nocopy")
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--repo", type=Path, required=True)
+    ap = parser(__doc__)
     ap.add_argument("--sites", type=int, default=160)
     ap.add_argument("--seed", type=int, default=7)
-    ap.add_argument("--cache-dir", type=Path, help="as mtlsp eval's (its eval/ folder holds the store)")
-    ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args()
     root = a.repo.resolve()
-    torch.set_num_threads(os.cpu_count() or 1)
-    engine = Engine.load(None, "auto")
     server = Settings()
-    ready = prepare(engine, root, store_root=a.cache_dir)
+    engine, ready = open_repository(a)
     texts, memory = ready.texts, ready.memory
     py = sorted(p for p in texts if p.endswith(".py"))
     plain = engine.completer(server.context_tokens)
@@ -82,8 +70,7 @@ def main() -> None:
     differ = sum(rows["memory"][i]["prediction"] != rows["none"][i]["prediction"] for i in range(len(sites)))
     result = {"repo": str(root), "sites": len(sites), "seed": a.seed, "memory_tokens": ready.store.stats()["entries"],
               "lines_that_differ_memory_vs_none": differ, "summary": summary, "rows": rows,
-              "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
-              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+              **provenance()}
     a.out.write_text(json.dumps(result, indent=1))
     for v, x in summary.items():
         print(f"{v}: identifier EM {x['identifier_em']:.1f}%, name first {x['name_first']:.1f}%, "

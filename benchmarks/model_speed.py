@@ -48,8 +48,8 @@ def encode_jobs(encoder: Encoder, root: Path, files: list[Path], budget: int) ->
         rel = f.relative_to(root).as_posix()
         data = f.read_bytes()
         chunks = chunk_file(rel, data)
-        pre = preamble(data, chunks)
-        jobs += [encoder.job(rel, data, c, h, pre) for c, h in zip(chunks, chunk_hashes(rel, data, chunks))]
+        context = encoder.context(rel, preamble(data, chunks))
+        jobs += [encoder.job(rel, data, c, h, context) for c, h in zip(chunks, chunk_hashes(rel, data, chunks))]
         if sum(len(j.ids) for j in jobs) >= budget:
             break
     return jobs

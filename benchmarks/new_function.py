@@ -18,40 +18,28 @@ encoder did before it kept them), for an A/B in one process.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import platform
-import time
 from dataclasses import asdict
-from pathlib import Path
 
-import torch
+from repository import open_repository, parser, provenance
 
 from mtlsp.evaluation import fresh, metrics
-from mtlsp.evaluation.run import TYPED, prepare
+from mtlsp.evaluation.run import TYPED
 from mtlsp.lsp.settings import Settings
-from mtlsp.workspace import Engine
 
 CLOCKS = ("update_ms", "first_correct_ms", "first_correct_warm_ms")
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--repo", type=Path, required=True)
+    ap = parser(__doc__)
     ap.add_argument("--trials", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0, help="as mtlsp eval's --seed")
-    ap.add_argument("--cache-dir", type=Path, help="as mtlsp eval's (its eval/ folder holds the store)")
     ap.add_argument("--no-kept-contexts", action="store_true")
-    ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args()
     root = a.repo.resolve()
-    torch.set_num_threads(os.cpu_count() or 1)
-    engine = Engine.load(None, "auto")
-    if a.no_kept_contexts:
-        engine.encoder.kept_contexts = 0
     server = Settings()
-    ready = prepare(engine, root, store_root=a.cache_dir)
+    read_again = (lambda e: setattr(e.encoder, "kept_contexts", 0)) if a.no_kept_contexts else None
+    engine, ready = open_repository(a, read_again)
     texts = ready.texts
     completer = engine.completer(server.context_tokens)
     # in ``mtlsp eval`` the trials follow the call sites: the first requests of a process (jedi's
@@ -74,8 +62,7 @@ def main() -> None:
         print(f"{k}: p50 {_ms(summary[k]['p50'])} ms, p95 {_ms(summary[k]['p95'])} ms, {len(got)} of {len(trials)}")
     a.out.write_text(json.dumps({
         "repo": str(root), "trials": trials, "summary": summary, "kept_contexts": engine.encoder.kept_contexts,
-        "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-        "date": time.strftime("%Y-%m-%d %H:%M"),
+        **provenance(),
     }, indent=1))
 
 

@@ -13,36 +13,26 @@ this script's seed.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import platform
 import time
-from pathlib import Path
 
-import torch
+from repository import open_repository, parser, provenance
 
 from mtlsp.complete.static import Jedi
 from mtlsp.evaluation import metrics
-from mtlsp.evaluation.run import TYPED, prepare
+from mtlsp.evaluation.run import TYPED
 from mtlsp.evaluation.sites import cut, find_sites, sample
 from mtlsp.lsp.settings import Settings
-from mtlsp.workspace import Engine
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--repo", type=Path, required=True)
+    ap = parser(__doc__)
     ap.add_argument("--sites", type=int, default=60)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--unbound", type=float, default=4.0, help="the prior's nats (0 is the other variant)")
-    ap.add_argument("--cache-dir", type=Path, help="as mtlsp eval's (its eval/ folder holds the store)")
-    ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args()
     root = a.repo.resolve()
-    torch.set_num_threads(os.cpu_count() or 1)
-    engine = Engine.load(None, "auto")
-    ready = prepare(engine, root, store_root=a.cache_dir)
+    engine, ready = open_repository(a)
     texts = ready.texts
     context_tokens = Settings().context_tokens
     variants = {"without": engine.completer(context_tokens), "with": engine.completer(context_tokens)}
@@ -80,8 +70,7 @@ def main() -> None:
         summary[f"changed/{t}"] = {"won": sum(w and not o for o, w in pairs), "lost": sum(o and not w for o, w in pairs)}
     a.out.write_text(json.dumps({
         "repo": str(root), "sites": len(sites), "seed": a.seed, "unbound": a.unbound, "summary": summary, "rows": rows,
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        **provenance(),
     }, indent=1))
     for key, v in summary.items():
         print(key, v)

@@ -270,9 +270,9 @@ def test_chunks_read_after_their_shared_context_get_the_entries_of_context_plus_
     for n, text in enumerate([imports + PY, PY.replace("CONSTANT", "LIMIT"), "x = 1\n", imports[:40] + PY]):
         rel, data = f"pkg/m{n}.py", text.encode()
         chunks = chunk_file(rel, data)
-        pre = preamble(data, chunks)
         encoder = Encoder(model, tok)
-        jobs += [encoder.job(rel, data, c, h, pre) for c, h in zip(chunks, chunk_hashes(rel, data, chunks))]
+        context = encoder.context(rel, preamble(data, chunks))
+        jobs += [encoder.job(rel, data, c, h, context) for c, h in zip(chunks, chunk_hashes(rel, data, chunks))]
     contexts = {tuple(j.context) for j in jobs}
     assert len(contexts) >= 5 and max(map(len, contexts)) > 40  # with a file's imports, and without
     encoder = Encoder(model, tok, piece_tokens=16, batch_tokens=64, context_tokens=40)

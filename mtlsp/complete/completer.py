@@ -33,7 +33,7 @@ LineOf = Callable[[str, int], int]  # (path, byte offset) -> 1-based line
 # name -> (log-probability, the memory evidence along it, computed on demand): what a ranking scored
 Scored = dict[str, tuple[float, Callable[[], Sequence[Evidence | None]]]]
 _PLAUSIBLE = 6.0  # popup items within this many nats of the best
-UNBOUND = 4.0  # see ``Completer``; measured in docs/eval/README.md
+UNBOUND = 4.0  # see ``Completer``; measured in docs/benchmarks.md (benchmarks/popup_prior.py)
 _NAME_FLOOR = -12.0  # elsewhere ghost text starts with an existing name only if the model finds it this likely
 _IMPORTING = re.compile(r"\s*(import|from)\s")  # names an import binds need not exist yet
 

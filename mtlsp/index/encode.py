@@ -111,7 +111,7 @@ class Encoder:
         first edit a user makes on its way into the memory."""
         data = b"import os\n\ndef warm_up(x):\n    return x\n"
         chunk = Chunk(data.index(b"def"), len(data), "lines")
-        self.encode([self.job("warm_up.py", data, chunk, "", data[: chunk.start])])
+        self.encode([self.job("warm_up.py", data, chunk, "", self.context("warm_up.py", data[: chunk.start]))])
 
     def token_offsets(self, ids: list[int]) -> np.ndarray:
         """Each token's first byte in the text ``ids`` encode (relative to its start)."""
@@ -119,10 +119,12 @@ class Encoder:
             return np.zeros(0, np.int64)
         return np.concatenate([[0], np.cumsum(self._lengths[ids])[:-1]])
 
-    def job(self, path: str, data: bytes, chunk: Chunk, chunk_hash: str, pre: bytes,
+    def job(self, path: str, data: bytes, chunk: Chunk, chunk_hash: str, context: list[int],
             names: tuple[str, ...] = ()) -> Job:
-        """``pre``: the file's ``preamble``, read before every chunk but the first."""
-        context = self.context(path, pre if chunk.start > 0 else b"")
+        """``context``: the file's (``context(path, preamble)``), read before every chunk but the
+        first, which follows the file header alone (the preamble is its own text)."""
+        if chunk.start == 0:
+            context = context[: len(self.tok.file_header(path))]
         ids = self.tok.encode(data[chunk.start : chunk.end].decode("utf-8"))
         return Job(chunk, chunk_hash, context, ids, self.token_offsets(ids), names)
 

@@ -290,7 +290,7 @@ class Indexer:
             return None
         have = {c.hash for c in info.chunks} if info else set()
         chunks = chunk_file(rel, data)
-        pre = preamble(data, chunks)
+        context = self.encoder.context(rel, preamble(data, chunks))
         names = defined_names(rel, data)
         planned: list = []
         for c, h in zip(chunks, chunk_hashes(rel, data, chunks), strict=True):
@@ -298,8 +298,8 @@ class Indexer:
                 planned.append(KeptChunk(c.start, c.end, h))
             else:
                 inside = tuple(dict.fromkeys(n for at, n in names if c.start <= at < c.end))
-                planned.append(self.encoder.job(rel, data, c, h, pre, inside))
-        return _Plan(rel, digest, data, planned, self.encoder.context(rel, pre))
+                planned.append(self.encoder.job(rel, data, c, h, context, inside))
+        return _Plan(rel, digest, data, planned, context)
 
     def _commit(self, plans: list[_Plan], report: Report) -> int:
         """Encode the plans' new chunks and store all plans in one generation."""
