@@ -32,7 +32,7 @@ from .gate import ModelGate
 from .index.chunks import defined_names
 from .index.encode import Encoder
 from .index.indexer import Indexer, Progress, Report
-from .index.scan import ScanOptions, read_text
+from .index.scan import ScanOptions, read_text, rules_file
 from .index.watch import Watcher
 from .lsp.settings import Settings
 from .store.memory_store import MemoryStore, StoreOptions
@@ -168,7 +168,7 @@ class Folder:
     def watch_disk(self) -> None:
         """Watch the folder with watchdog (for clients that do not report file changes)."""
         if self.watcher is None:
-            self.watcher = Watcher(self.indexer, debounce=self.debounce)
+            self.watcher = Watcher(self.indexer, debounce=self.debounce, after_rescan=self.refeed_open_buffers)
             self.watcher.start()
 
     @property
@@ -201,7 +201,7 @@ class Folder:
         self.paths_changed([rel])
 
     def is_ignored(self, rel: str) -> bool:
-        """Whether the scan rules (``.gitignore``, secrets, generated files) keep ``rel`` out."""
+        """Whether the scan rules (``.gitignore``, ``.mtlspignore``, secrets, generated files) keep ``rel`` out."""
         return self.indexer.rules.ignored_path(rel, False)
 
     def buffer_changed(self, rel: str) -> None:
@@ -247,7 +247,10 @@ class Folder:
                     if text is not None:
                         self.indexer.update_text(rel, text)
                         self.indexer.prepare(rel, text)  # for its next edit (a file just opened too)
-                if paths:
+                if any(rules_file(p) for p in paths):  # the rules changed: which files belong is decided again
+                    self.indexer.refresh(stop=self._stop)
+                    self.refeed_open_buffers()  # the pass stored them as they are on disk
+                elif paths:
                     self.indexer.sync_paths(paths)
             except Exception:  # one bad file or a busy store must not stop later updates
                 log.exception("updating the memory of %s failed; the next change retries", self.root)

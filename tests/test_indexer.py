@@ -16,7 +16,7 @@ from conftest import random_model
 from mtlsp.index.chunks import chunk_file
 from mtlsp.index.encode import Encoder
 from mtlsp.index.indexer import Indexer
-from mtlsp.index.scan import walk
+from mtlsp.index.scan import rules_file, walk
 from mtlsp.index.watch import Watcher
 from mtlsp.store.memory_store import MemoryStore, StoreOptions
 
@@ -94,6 +94,23 @@ def test_scan_rules(tmp_path):
 
     found = sorted(f.path for f in walk(root, ScanOptions(max_bytes=1000)))
     assert found == [".gitignore", "inside.py", "keep.log", "keep.py", "sub/.gitignore", "sub/shared.py"]
+
+
+def test_mtlspignore_keeps_files_out_of_the_memory_and_decides_over_gitignore(tmp_path):
+    root = tmp_path / "ws"
+    write(root, ".gitignore", "*.gen.py\n")
+    write(root, ".mtlspignore", "vendor/\nfixtures_*.py\n!api.gen.py\n")
+    write(root, "api.gen.py", "x = 1\n")  # git ignores it, the memory takes it
+    write(root, "other.gen.py", "x = 1\n")
+    write(root, "vendor/lib.py", "x = 1\n")
+    write(root, "fixtures_big.py", "x = 1\n")
+    write(root, "sub/.mtlspignore", "notes.py\n")
+    write(root, "sub/notes.py", "x = 1\n")
+    write(root, "sub/code.py", "x = 1\n")
+    write(root, "code.py", "x = 1\n")
+    found = sorted(f.path for f in walk(root))
+    assert found == [".gitignore", ".mtlspignore", "api.gen.py", "code.py", "sub/.mtlspignore", "sub/code.py"]
+    assert rules_file("sub/.mtlspignore") and rules_file(".gitignore") and not rules_file("mtlspignore.py")
 
 
 def test_content_filters_and_a_file_vanishing_mid_scan(tmp_path, encoder):
@@ -374,6 +391,34 @@ def test_watcher_picks_up_changes(tmp_path, encoder):
         while time.monotonic() < deadline and set(ix.store.files()) != {"new.py"}:
             time.sleep(0.05)
         assert set(ix.store.files()) == {"new.py"}
+    finally:
+        w.stop()
+
+
+def test_watcher_rescans_when_the_ignore_rules_change(tmp_path, encoder):
+    """A new ``.mtlspignore`` takes its files out of the memory, and removing it brings them
+    back, with no event for the files themselves; the server's buffers are written again after."""
+    root = tmp_path / "ws"
+    write(root, "m.py", PY)
+    write(root, "keep.py", "def kept():\n    return 1\n")
+    ix = make_indexer(root, tmp_path / "store", encoder)
+    ix.refresh()
+    rescans = []
+    w = Watcher(ix, debounce=0.1, after_rescan=lambda: rescans.append(set(ix.store.files())))
+    w.start()
+
+    def wait_for(files: set[str]) -> None:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and set(ix.store.files()) != files:
+            time.sleep(0.05)
+        assert set(ix.store.files()) == files
+
+    try:
+        write(root, ".mtlspignore", "m.py\n")
+        wait_for({"keep.py", ".mtlspignore"})
+        assert rescans and rescans[-1] == {"keep.py", ".mtlspignore"}
+        (root / ".mtlspignore").unlink()
+        wait_for({"keep.py", "m.py"})
     finally:
         w.stop()
 

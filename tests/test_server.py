@@ -476,7 +476,7 @@ async def test_corrupt_weights_give_one_clear_message_and_a_server_that_answers(
         await client.stop()
 
 
-async def test_file_changes_on_disk_via_client_watching_or_watchdog(tiny_weights, workspace, tmp_path):
+async def test_file_and_ignore_rule_changes_on_disk_via_client_watching_or_watchdog(tiny_weights, workspace, tmp_path):
     for registration in (True, False):
         root = tmp_path / f"ws-{registration}"
         shutil.copytree(workspace, root)
@@ -494,6 +494,16 @@ async def test_file_changes_on_disk_via_client_watching_or_watchdog(tiny_weights
             t0 = time.monotonic()
             while (await status(client))["folders"][0]["files"] < 4:
                 assert time.monotonic() - t0 < 15, "the new file never reached the memory"
+                await asyncio.sleep(0.05)
+            # a new .mtlspignore takes two files out (and is itself a file of the memory)
+            rules = root / ".mtlspignore"
+            rules.write_text("app/taxes.py\napp/report.py\n")
+            if registration:
+                client.workspace_did_change_watched_files(t.DidChangeWatchedFilesParams(
+                    [t.FileEvent(rules.as_uri(), t.FileChangeType.Created)]))
+            t0 = time.monotonic()
+            while (await status(client))["folders"][0]["files"] != 3:
+                assert time.monotonic() - t0 < 15, "the ignored files stayed in the memory"
                 await asyncio.sleep(0.05)
         finally:
             await client.shutdown_session()

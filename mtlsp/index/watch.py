@@ -2,7 +2,9 @@
 
 A watchdog observer collects created / modified / deleted / moved paths; once the workspace has
 been quiet for ``debounce`` seconds, the batch goes to ``Indexer.sync_paths`` (a burst such as a
-``git checkout`` becomes one update).  When the kernel refuses more inotify watches (ENOSPC,
+``git checkout`` becomes one update).  A changed ``.gitignore`` or ``.mtlspignore`` changes
+which files belong in the memory, so it makes the batch a rescan of the whole folder, as a
+directory event does.  When the kernel refuses more inotify watches (ENOSPC,
 EMFILE), the watcher says so once and falls back to rescanning the folder every
 ``rescan_interval`` seconds: slower to notice, never silent.
 """
@@ -13,11 +15,13 @@ import errno
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
 from .indexer import Indexer
+from .scan import rules_file
 
 log = logging.getLogger("mtlsp.watch")
 
@@ -38,8 +42,12 @@ class _Collect(FileSystemEventHandler):
 class Watcher:
     """Keeps one indexer's store fresh until ``stop``."""
 
-    def __init__(self, indexer: Indexer, *, debounce: float = 0.3, rescan_interval: float = 60.0) -> None:
+    def __init__(self, indexer: Indexer, *, debounce: float = 0.3, rescan_interval: float = 60.0,
+                 after_rescan: Callable[[], None] | None = None) -> None:
+        """``after_rescan``: called once a rescan has stored the files from disk (the server
+        writes its unsaved buffers over them again)."""
         self.indexer = indexer
+        self.after_rescan = after_rescan
         self.debounce = debounce
         self.rescan_interval = rescan_interval
         self.polling = False  # True once inotify limits forced periodic rescans
@@ -91,7 +99,7 @@ class Watcher:
         if not rels:
             return
         with self._cond:
-            if is_directory:
+            if is_directory or any(rules_file(r) for r in rels):
                 self._rescan = True
             self._pending.update(rels)
             self._last_event = time.monotonic()
@@ -114,6 +122,8 @@ class Watcher:
                 if rescan or (self.polling and time.monotonic() >= next_poll):
                     next_poll = time.monotonic() + self.rescan_interval
                     report = self.indexer.refresh(stop=self._stop)
+                    if self.after_rescan is not None:
+                        self.after_rescan()
                 else:
                     report = self.indexer.sync_paths(paths)
                 if report.indexed or report.removed:
