@@ -32,7 +32,7 @@ from .gate import ModelGate
 from .index.chunks import defined_names
 from .index.encode import Encoder
 from .index.indexer import Indexer, Progress, Report
-from .index.scan import ScanOptions, read_text, rules_file
+from .index.scan import ScanOptions, read_text
 from .index.watch import Watcher
 from .lsp.settings import Settings
 from .store.memory_store import MemoryStore, StoreOptions
@@ -247,11 +247,8 @@ class Folder:
                     if text is not None:
                         self.indexer.update_text(rel, text)
                         self.indexer.prepare(rel, text)  # for its next edit (a file just opened too)
-                if any(rules_file(p) for p in paths):  # the rules changed: which files belong is decided again
-                    self.indexer.refresh(stop=self._stop)
-                    self.refeed_open_buffers()  # the pass stored them as they are on disk
-                elif paths:
-                    self.indexer.sync_paths(paths)
+                if paths and self.indexer.sync_paths(paths, stop=self._stop).rescanned:
+                    self.refeed_open_buffers()  # the rules changed: the rescan stored them as they are on disk
             except Exception:  # one bad file or a busy store must not stop later updates
                 log.exception("updating the memory of %s failed; the next change retries", self.root)
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from ..store.memory_store import FileUpdate, KeptChunk, MemoryStore, NewChunk
 from .chunks import chunk_file, defined_names
 from .encode import Encoder, Job, chunk_hashes, preamble
-from .scan import Rules, ScanOptions, content_problem, read_text, walk
+from .scan import Rules, ScanOptions, content_problem, read_text, rules_file, walk
 
 log = logging.getLogger("mtlsp.indexer")
 _BUFFER_CONTEXTS = 64
@@ -64,6 +64,7 @@ class Report:
     chunks_kept: int = 0
     tokens_encoded: int = 0
     seconds: float = 0.0
+    rescanned: bool = False  # the whole folder was read again (``refresh``): buffers were overwritten
 
 
 @dataclass
@@ -115,9 +116,9 @@ class Indexer:
         """
         with self.store.bulk():
             t0 = time.monotonic()
-            report = Report()
+            report = Report(rescanned=True)
             with self._lock:
-                self.rules = Rules(self.root, self.scan)  # .gitignore files may have changed
+                self.rules = Rules(self.root, self.scan)  # ignore files may have changed
                 found = list(walk(self.root, self.scan))
                 report.files = len(found)
                 stored = self.store.files()
@@ -155,17 +156,23 @@ class Indexer:
 
     # ------------------------------------------------------------------ a few paths
 
-    def sync_paths(self, paths: Iterable[str]) -> Report:
+    def sync_paths(self, paths: Iterable[str], stop: threading.Event | None = None) -> Report:
         """Re-read these workspace-relative paths: changed ones re-indexed, missing ones dropped.
 
-        What file watchers, didSave and didChangeWatchedFiles call.
+        What file watchers, didSave and didChangeWatchedFiles call.  A changed ``.gitignore`` or
+        ``.mtlspignore`` among them changes which files belong in the memory, so the whole
+        folder is refreshed instead (``stop`` ends that early): ``Report.rescanned`` tells a
+        caller holding unsaved buffers to feed them again.
         """
+        paths = list(dict.fromkeys(paths))
+        if any(rules_file(p) for p in paths):
+            return self.refresh(stop=stop)
         with self._lock:
             t0 = time.monotonic()
             report = Report()
             plans, gone = [], []
             stored = self.store.files()
-            for rel in dict.fromkeys(paths):
+            for rel in paths:
                 path = self.root / rel
                 if not path.is_file() or self.rules.ignored_path(rel, False):
                     if rel in stored:

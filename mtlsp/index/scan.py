@@ -73,8 +73,9 @@ class Rules:
         if rel_dir not in self._ignores:
             lines: list[str] = []
             base = self.root / rel_dir if rel_dir else self.root
-            git = [self.root / ".git" / "info" / "exclude"] if not rel_dir else []
-            sources = [base / RULES_FILES[0], *git, *(base / name for name in RULES_FILES[1:])]
+            sources = [base / name for name in RULES_FILES]
+            if not rel_dir:  # git's own file ranks with the root's .gitignore
+                sources.insert(1, self.root / ".git" / "info" / "exclude")
             for src in sources:
                 try:
                     lines += src.read_text(encoding="utf-8", errors="replace").splitlines()

@@ -2,9 +2,8 @@
 
 A watchdog observer collects created / modified / deleted / moved paths; once the workspace has
 been quiet for ``debounce`` seconds, the batch goes to ``Indexer.sync_paths`` (a burst such as a
-``git checkout`` becomes one update).  A changed ``.gitignore`` or ``.mtlspignore`` changes
-which files belong in the memory, so it makes the batch a rescan of the whole folder, as a
-directory event does.  When the kernel refuses more inotify watches (ENOSPC,
+``git checkout`` becomes one update; a directory event, or a changed ignore file, a rescan of
+the whole folder).  When the kernel refuses more inotify watches (ENOSPC,
 EMFILE), the watcher says so once and falls back to rescanning the folder every
 ``rescan_interval`` seconds: slower to notice, never silent.
 """
@@ -21,7 +20,6 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
 from .indexer import Indexer
-from .scan import rules_file
 
 log = logging.getLogger("mtlsp.watch")
 
@@ -99,7 +97,7 @@ class Watcher:
         if not rels:
             return
         with self._cond:
-            if is_directory or any(rules_file(r) for r in rels):
+            if is_directory:
                 self._rescan = True
             self._pending.update(rels)
             self._last_event = time.monotonic()
@@ -122,10 +120,10 @@ class Watcher:
                 if rescan or (self.polling and time.monotonic() >= next_poll):
                     next_poll = time.monotonic() + self.rescan_interval
                     report = self.indexer.refresh(stop=self._stop)
-                    if self.after_rescan is not None:
-                        self.after_rescan()
                 else:
-                    report = self.indexer.sync_paths(paths)
+                    report = self.indexer.sync_paths(paths, stop=self._stop)
+                if report.rescanned and self.after_rescan is not None:
+                    self.after_rescan()
                 if report.indexed or report.removed:
                     log.info("updated %d file(s), removed %d, %d tokens encoded",
                              report.indexed, report.removed, report.tokens_encoded)
