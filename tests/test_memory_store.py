@@ -22,7 +22,7 @@ import msgpack
 import numpy as np
 import pytest
 
-from mtlsp.store import knn
+from mtlsp.store import cells, knn
 from mtlsp.store.files import (
     ChunkRecord,
     Entries,
@@ -500,6 +500,88 @@ def test_background_builds_replay_the_changes_made_meanwhile(tmp_path):
     assert len(live) == store.stats()["entries"]
     for ivf in store._search.ivf:
         assert ivf_ids(ivf) == live
+
+
+def placement(store: MemoryStore) -> list[dict]:
+    """Per head, which IVF list holds each live entry, by the entry's (file, byte offset)."""
+    keys = store._search.keys
+    live = keys.live_slots()
+    where = [(store._paths[store._file[s]], int(store._pos[s])) for s in live]
+    return [dict(zip(where, ivf.list_numbers(keys.used)[live].tolist())) for ivf in store._search.ivf]
+
+
+def found(store: MemoryStore, q: np.ndarray) -> list:
+    hits = store.search(q, 8)
+    return [[[hits.source(h, i, j) for j in range(8)] for i in range(q.shape[1])] for h in range(HEADS)]
+
+
+def ivf_store(tmp_path, rng, centres, files=4, **options):
+    store = store_at(tmp_path, ann_threshold=9000, ann_recall=0.9, ann_background=False, **options)
+    for i in range(files):
+        x = clustered(rng, centres, 3000)
+        store.update([one_chunk(f"f{i}.py", Entries.from_float(x, x, np.arange(3000), np.arange(3000)))])
+    return store
+
+
+def test_a_reopened_store_fills_the_saved_ivf_cells_instead_of_training(tmp_path, monkeypatch):
+    """After a build the cells are saved; the next process puts the keys straight back into
+    them (no k-means, no tuning), and assigns only the entries written since."""
+    rng = np.random.default_rng(21)
+    centres = keys_like(rng, 40)
+    first = ivf_store(tmp_path, rng, centres)
+    assert (tmp_path / cells.CELLS).exists() and first.stats()["ann"]["restored_heads"] == 0
+    x = clustered(rng, centres, 500)  # written after the save: not in the saved lists
+    first.update([one_chunk("g.py", Entries.from_float(x, x, np.arange(500), np.arange(500)))])
+    q = clustered(rng, centres, 20).transpose(1, 0, 2).astype(np.float32)
+
+    def no_training(*args):
+        raise AssertionError("k-means ran")
+
+    monkeypatch.setattr(knn.faiss, "Clustering", no_training)
+    monkeypatch.setattr(knn, "top_k", no_training)  # tuning measures against exact search
+    again = store_at(tmp_path, ann_threshold=9000, ann_recall=0.9)  # restored in the background
+    again.wait_for_index()
+    s, before = again.stats()["ann"], first.stats()["ann"]
+    assert again.stats()["backend"] == "faiss-cpu ivf" and s["restored_heads"] == HEADS
+    assert s["nprobe"] == before["nprobe"] and s["recall_per_head"] == before["recall_per_head"]
+    assert "cells read from disk" in s["measured_on"]
+    assert placement(again) == placement(first)  # g.py's entries too: the same cells assign them
+    assert found(again, q) == found(first, q)
+    saved = cells.read_cells(tmp_path, cells.Stamp("fp-1", HEADS, DIM))  # saved again, with g.py
+    assert saved.changes == 500 and sum(c[2] for c in saved.chunks) == 12_500
+
+
+def test_saved_cells_that_do_not_fit_are_trained_again(tmp_path, caplog):
+    """A damaged cells file, one tuned for another k, or one whose store changed too much since
+    is not used: the indexes are trained as before, and the file is written afresh."""
+    rng = np.random.default_rng(22)
+    centres = keys_like(rng, 40)
+    ivf_store(tmp_path, rng, centres)
+    path = tmp_path / cells.CELLS
+    good = path.read_bytes()
+    path.write_bytes(good[:-100])
+    damaged = store_at(tmp_path, ann_threshold=9000, ann_recall=0.9, ann_background=False)
+    assert "checksum mismatch" in caplog.text and "trained again" in caplog.text
+    assert damaged.stats()["ann"]["restored_heads"] == 0 and damaged.stats()["backend"] == "faiss-cpu ivf"
+    assert cells.read_cells(tmp_path, cells.Stamp("fp-1", HEADS, DIM)) is not None
+    other_k = store_at(tmp_path, ann_threshold=9000, ann_recall=0.9, ann_background=False, ann_k=8)
+    assert other_k.stats()["ann"]["restored_heads"] == 0
+    path.write_bytes(good)
+    indexer = store_at(tmp_path, ann_threshold=10**9)  # another process that builds no IVF
+    x = clustered(rng, centres, 4000)  # a third of the entries are new since the cells were saved
+    indexer.update([one_chunk("h.py", Entries.from_float(x, x, np.arange(4000), np.arange(4000)))])
+    stale = store_at(tmp_path, ann_threshold=9000, ann_recall=0.9, ann_background=False)
+    assert stale.stats()["ann"]["restored_heads"] == 0 and stale.stats()["entries"] == 16_000
+    fresh = store_at(tmp_path, ann_threshold=9000, ann_recall=0.9, ann_background=False)
+    assert fresh.stats()["ann"]["restored_heads"] == HEADS  # from the cells the stale one saved
+
+
+def test_a_store_refused_for_another_model_drops_its_saved_cells(tmp_path):
+    rng = np.random.default_rng(23)
+    ivf_store(tmp_path, rng, keys_like(rng, 40))
+    assert (tmp_path / cells.CELLS).exists()
+    MemoryStore(tmp_path, fingerprint="fp-2", heads=HEADS, dim=DIM)
+    assert not (tmp_path / cells.CELLS).exists()
 
 
 def test_exact_search_matches_numpy(tmp_path):

@@ -36,6 +36,7 @@ import faiss
 import numpy as np
 import torch
 
+from .cells import HeadCells, SavedCells
 from .files import StoreError, dequantize
 
 log = logging.getLogger("mtlsp.memory")
@@ -232,24 +233,34 @@ class IvfIndex:
     recall@k against exact search reaches the target.
     """
 
-    def __init__(self, slots: np.ndarray, codes: np.ndarray, scales: np.ndarray, *, seed: int = 0) -> None:
-        """Train and fill from int8 ``codes`` (n, D) and ``scales`` (n,), stored under ids ``slots``."""
+    def __init__(self, slots: np.ndarray, codes: np.ndarray, scales: np.ndarray, *, seed: int = 0,
+                 cells: HeadCells | None = None, lists: np.ndarray | None = None) -> None:
+        """Train and fill from int8 ``codes`` (n, D) and ``scales`` (n,), stored under ids ``slots``.
+
+        With saved ``cells`` (``cells.py``) nothing is trained or tuned: the keys go into those
+        cells, into the list ``lists`` (n,) gives where it is not -1, else the nearest.
+        """
         n, dim = codes.shape
         t0 = time.perf_counter()
-        self.nlist = int(np.clip(2 ** round(np.log2(max(1.0, np.sqrt(n)))), 64, 1024))
 
         def blocks() -> Iterator[tuple[int, np.ndarray]]:  # fp32 only a block at a time
             for start in range(0, n, _BLOCK):
                 yield start, dequantize(codes[start : start + _BLOCK], scales[start : start + _BLOCK])
 
-        self.max_norm = max(float(np.linalg.norm(keys, axis=1).max()) for _start, keys in blocks())
-        pick = np.sort(np.random.default_rng(seed).choice(n, size=min(n, 48 * self.nlist), replace=False))
-        sample = dequantize(codes[pick], scales[pick])
         self._cells = faiss.IndexFlatL2(dim + 1)  # lifted centroids: assigns added keys to lists
-        kmeans = faiss.Clustering(dim + 1, self.nlist)
-        kmeans.niter, kmeans.seed = 10, seed
-        kmeans.train(self._lift(sample), self._cells)
-        lifted = faiss.vector_to_array(kmeans.centroids).reshape(self.nlist, dim + 1)
+        if cells is None:
+            self.nlist = int(np.clip(2 ** round(np.log2(max(1.0, np.sqrt(n)))), 64, 1024))
+            self.max_norm = max(float(np.linalg.norm(keys, axis=1).max()) for _start, keys in blocks())
+            pick = np.sort(np.random.default_rng(seed).choice(n, size=min(n, 48 * self.nlist), replace=False))
+            kmeans = faiss.Clustering(dim + 1, self.nlist)
+            kmeans.niter, kmeans.seed = 10, seed
+            kmeans.train(self._lift(dequantize(codes[pick], scales[pick])), self._cells)
+            self.nprobe, self.recall = self.nlist, 1.0  # until ``tune`` measures
+        else:
+            self.nlist, self.max_norm = cells.nlist, cells.max_norm
+            self._cells.add(np.ascontiguousarray(cells.centroids, np.float32))
+            self.nprobe, self.recall = cells.nprobe, cells.recall
+        lifted = self.centroids
         centroids = np.ascontiguousarray(lifted[:, :dim])  # a query's lift is 0 in the last dim
         self._half_norms = torch.from_numpy(np.ascontiguousarray(0.5 * (lifted**2).sum(axis=1), dtype=np.float32))
         self._centroids_t = torch.from_numpy(np.ascontiguousarray(centroids.T))  # (D, nlist)
@@ -258,15 +269,36 @@ class IvfIndex:
         self.index = faiss.IndexIVFScalarQuantizer(
             self._quantizer, dim, self.nlist, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT, False
         )
-        self.index.train(sample)  # the quantizer is full already: this only readies the fp16 codes
-        lists = np.concatenate([self._lists_of(keys) for _start, keys in blocks()])
-        self._reserve(np.bincount(lists, minlength=self.nlist))
+        self.index.train(centroids)  # the quantizer is full already: this only readies the fp16 codes
+        known = np.full(n, -1, np.int64) if lists is None else np.asarray(lists, np.int64)
+        todo = np.flatnonzero(known < 0)
+        self.assigned = len(todo)  # keys put into cells by search now, not by saved list numbers
+        for start in range(0, len(todo), _BLOCK):
+            part = todo[start : start + _BLOCK]
+            known[part] = self._lists_of(dequantize(codes[part], scales[part]))
+        self._reserve(np.bincount(known, minlength=self.nlist))
         for start, keys in blocks():
-            self._add(slots[start : start + len(keys)], keys, lists[start : start + len(keys)])
+            self._add(slots[start : start + len(keys)], keys, known[start : start + len(keys)])
         self.build_seconds = time.perf_counter() - t0
-        self.built_size = n
-        self.nprobe = self.nlist
-        self.recall = 1.0
+        self.built_size = n if cells is None else cells.built_size
+        self.restored = cells is not None
+
+    @property
+    def centroids(self) -> np.ndarray:
+        """The lifted centroids (nlist, D+1): what ``cells.HeadCells`` saves."""
+        return self._cells.reconstruct_n(0, self.nlist)
+
+    def saved(self) -> HeadCells:
+        return HeadCells(self.centroids, self.max_norm, self.nprobe, self.recall, self.built_size, self.build_seconds)
+
+    def list_numbers(self, size: int) -> np.ndarray:
+        """Each slot's list (size,) int64, -1 for slots the lists do not hold."""
+        out = np.full(size, -1, np.int64)
+        invlists = self.index.invlists
+        for number in range(self.nlist):
+            ids = faiss.rev_swig_ptr(invlists.get_ids(number), invlists.list_size(number))
+            out[ids[ids < size]] = number
+        return out
 
     def _lift(self, keys: np.ndarray) -> np.ndarray:
         lift = np.sqrt(np.maximum(self.max_norm**2 - (keys * keys).sum(axis=1), 0.0))
@@ -497,6 +529,10 @@ class Searcher:
         self._probe_source = "stored keys"
         self._recent = np.zeros((heads, _PROBE_QUERIES, dim), np.float32)
         self._n_recent = [0] * heads
+        self._offer: SavedCells | None = None  # saved cells the next build may use instead of training
+        self._offer_lists: np.ndarray | None = None  # (H, slots) int16 saved list numbers, -1 unknown
+        self._offer_missing = 0  # saved entries the store no longer holds
+        self.on_built: Callable[[], None] | None = None  # called after a build or restore that changed what is saved
 
     @property
     def heads(self) -> int:
@@ -525,6 +561,8 @@ class Searcher:
     def remove(self, slots: np.ndarray) -> None:
         self.keys.alive[slots] = False
         self.live -= len(slots)
+        if self._offer_lists is not None:  # a removed slot may be reused by another key
+            self._offer_lists[:, slots[slots < self._offer_lists.shape[1]]] = -1
         if self.mirror is not None:
             self.mirror.remove(slots)
         self.dead.update(slots.tolist())
@@ -631,12 +669,26 @@ class Searcher:
             if not self._bulk:
                 self.maybe_build()
 
+    def offer(self, saved: SavedCells, slots: np.ndarray, lists: np.ndarray, missing: int) -> None:
+        """Saved cells for the next build: ``lists`` (H, n) are the saved list numbers of the
+        live ``slots``; ``missing`` saved entries are gone.  Used instead of training when they
+        were tuned for the current k and recall target and most entries are still there."""
+        changed = saved.changes + self.live - len(slots) + missing
+        if (self.mirror is not None or saved.k != self.settings.ann_k or saved.recall_target != self.settings.ann_recall
+                or changed >= self.settings.ann_rebuild_fraction * min(c.built_size for c in saved.heads)):
+            return
+        self._offer, self._offer_missing = saved, missing
+        self._offer_lists = np.full((self.heads, self.keys.used), -1, np.int16)
+        self._offer_lists[:, slots] = lists
+
     def maybe_build(self, force: bool = False) -> None:
         """Start IVF builds when the store is large and has none, or has changed a lot."""
         if self.mirror is not None or self._thread is not None or self._bulk:
             return
         if self.live < max(self.settings.ann_threshold, _MIN_IVF_ENTRIES):
             return
+        if force:
+            self._offer = self._offer_lists = None
         built = [ivf.built_size for ivf in self.ivf if ivf is not None]
         stale = len(built) < self.heads or self._changes >= self.settings.ann_rebuild_fraction * min(built)
         if not (stale or force):
@@ -650,16 +702,24 @@ class Searcher:
     def build(self) -> None:
         """Train every head's IVF index on a snapshot, tune its nprobe by measured recall, swap
         it in.  One head at a time: the old index serves its head until the new one is ready,
-        and the extra memory is one head's index, not H."""
+        and the extra memory is one head's index, not H.  With saved cells on offer, fill
+        those instead (``offer``)."""
+        saved = self._offer
         try:
             for h in range(self.heads):
-                self._build_head(h)
-            self._changes = 0
+                self._build_head(h, saved)
+            fresh = [ivf.assigned for ivf in self.ivf if ivf is not None and ivf.restored]
+            self._changes = saved.changes + max(fresh, default=0) + self._offer_missing if saved else 0
         finally:
-            self._log = None
-            self._thread = None
+            with self._lock:
+                self._log = None
+                self._thread = None
+                self._offer = self._offer_lists = None
+                self._offer_missing = 0
+        if self.on_built is not None and (saved is None or self._changes):
+            self.on_built()
 
-    def _build_head(self, h: int) -> None:
+    def _build_head(self, h: int, saved: SavedCells | None = None) -> None:
         k = self.settings.ann_k  # recall is measured at the k the model reads: a smaller k needs fewer lists
         with self._lock:
             slots = self.keys.live_slots()
@@ -667,11 +727,20 @@ class Searcher:
                 return
             codes, scales = self.keys.codes[h, slots], self.keys.scales[h, slots]
             self._log = []
-            queries, source = self._probe_queries(h, codes, scales)
-        ivf = IvfIndex(slots, codes, scales)
-        exact = top_k(queries, codes, scales, k)[1]
-        exact = np.where(exact >= 0, slots[np.clip(exact, 0, None)], -1)
-        ivf.tune(queries, exact, k, self.settings.ann_recall)
+            if saved is None:
+                queries, source = self._probe_queries(h, codes, scales)
+            else:
+                known = np.full(len(slots), -1, np.int64)
+                inside = slots < self._offer_lists.shape[1]
+                known[inside] = self._offer_lists[h, slots[inside]]
+                source = f"{saved.measured_on}, cells read from disk"
+        if saved is None:
+            ivf = IvfIndex(slots, codes, scales)
+            exact = top_k(queries, codes, scales, k)[1]
+            exact = np.where(exact >= 0, slots[np.clip(exact, 0, None)], -1)
+            ivf.tune(queries, exact, k, self.settings.ann_recall)
+        else:
+            ivf = IvfIndex(slots, codes, scales, cells=saved.heads[h], lists=known)
         del codes, scales
         with self._lock:
             for op, changed in self._log:
@@ -684,6 +753,18 @@ class Searcher:
         _return_freed_memory()
         log.info("IVF index of head %d over %d entries: nlist %d, nprobe %d, recall@%d %.3f (%s), %.1f s",
                  h, ivf.built_size, ivf.nlist, ivf.nprobe, k, ivf.recall, source, ivf.build_seconds)
+
+    def saved_cells(self, chunks: list[tuple[int, int, int, str]], slots: np.ndarray) -> SavedCells | None:
+        """What ``cells.write_cells`` saves, for ``chunks`` whose live slots are ``slots`` in
+        order; None unless every head has an index holding them all.  Under the lock."""
+        if any(ivf is None for ivf in self.ivf):
+            return None
+        lists = np.stack([ivf.list_numbers(self.keys.used)[slots] for ivf in self.ivf])
+        if (lists < 0).any():
+            return None
+        return SavedCells([ivf.saved() for ivf in self.ivf], chunks, lists.astype(np.uint16), self.settings.ann_k,
+                          self.settings.ann_recall, self._probe_source.removesuffix(", cells read from disk"),
+                          self._changes)
 
     def _probe_queries(self, h: int, codes: np.ndarray, scales: np.ndarray) -> tuple[np.ndarray, str]:
         """Real recent queries of head ``h`` if enough were seen, else a sample of its keys."""
@@ -714,6 +795,7 @@ class Searcher:
                 "measured_on": self._probe_source,
                 "built_size": min(ivf.built_size for ivf in built),
                 "build_seconds": sum(ivf.build_seconds for ivf in built),
+                "restored_heads": sum(ivf.restored for ivf in built),
                 "in_use": any(self._ivf_in_use(h) for h in range(self.heads)),
             },
             "ann_building": self._thread is not None,

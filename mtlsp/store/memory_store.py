@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from . import knn
+from .cells import CELLS, Stamp, read_cells, write_cells
 from .files import (
     FORMAT,
     MANIFEST,
@@ -307,8 +308,11 @@ class MemoryStore:
         self._file = np.zeros(0, np.int32)
         mirror = knn.make_mirror(self.options.backend, self.options.device, heads, dim)
         self._search = knn.Searcher(heads, dim, self.options, self._lock, mirror)
+        self._search.on_built = self._save_cells
 
-        self._load()
+        with self._search.bulk():  # an IVF build waits for the saved cells on offer
+            self._load()
+            self._offer_cells()
 
     # ------------------------------------------------------------------ opening
 
@@ -369,6 +373,7 @@ class MemoryStore:
                 return
             log.warning(reason)
             self.reset_reason = reason
+            (self.dir / CELLS).unlink(missing_ok=True)
             manifest = self.dir / MANIFEST
             if manifest.exists():  # kept for a bug report; only the latest one
                 for old in self.dir.glob("manifest.refused-*"):
@@ -729,10 +734,13 @@ class MemoryStore:
 
     def _remove_orphans(self, manifest: dict) -> None:
         """Under the writer lock: delete segments and temp files no manifest will ever name."""
+        ours = f".{CELLS}.{os.getpid()}."  # this process's cells being written (``_save_cells``)
         for entry in os.scandir(self.dir):
             seg = segment_id(entry.name)
-            if (seg is not None and seg not in manifest["segments"]) or entry.name.endswith(".tmp"):
-                os.unlink(entry.path)
+            if (seg is not None and seg not in manifest["segments"]) or (
+                    entry.name.endswith(".tmp") and not entry.name.startswith(ours)):
+                with contextlib.suppress(FileNotFoundError):  # another process's temp file, renamed meanwhile
+                    os.unlink(entry.path)
 
     def remove_files(self, paths: Iterable[str]) -> int:
         return self.update(removes=paths)
@@ -807,6 +815,44 @@ class MemoryStore:
         and briefly hold two indexes of a head; one build at the end does the job."""
         with self._search.bulk():
             yield self
+
+    def _offer_cells(self) -> None:
+        """Offer the IVF cells saved by an earlier build (``cells.py``) to the first build."""
+        try:
+            saved = read_cells(self.dir, Stamp(self.fingerprint, self.heads, self.dim))
+        except CorruptStore as e:
+            log.warning("%s; the IVF indexes will be trained again", e)
+            return
+        if saved is None:
+            return
+        with self._lock:
+            chunks = {rec.id: rec for f in self._m["files"].values() for rec in f["chunks"]}
+            slots, lists, missing, at = [], [], 0, 0
+            for segment, row, tokens, content in saved.chunks:
+                rec = chunks.get((segment, row))
+                if rec is not None and (rec.tokens, rec.hash) == (tokens, content):
+                    slots.append(self._chunk_slots[rec.id])
+                    lists.append(saved.lists[:, at : at + tokens])
+                else:
+                    missing += tokens
+                at += tokens
+            if slots:
+                self._search.offer(saved, np.concatenate(slots), np.concatenate(lists, axis=1), missing)
+
+    def _save_cells(self) -> None:
+        """After an IVF build: save its cells, so that the next process to open the store need
+        not train them (``cells.py``).  A cache: failing to write it loses nothing."""
+        with self._lock:
+            recs = [rec for f in self._m["files"].values() for rec in f["chunks"]]
+            slots = [self._chunk_slots[rec.id] for rec in recs]
+            saved = self._search.saved_cells([(r.segment, r.row, r.tokens, r.hash) for r in recs],
+                                             np.concatenate(slots) if slots else np.zeros(0, np.int64))
+        if saved is None:
+            return
+        try:
+            write_cells(self.dir, Stamp(self.fingerprint, self.heads, self.dim), saved)
+        except OSError as e:
+            log.warning("could not save the IVF cells in %s (%s); the next start trains them again", self.dir, e)
 
     def wait_for_index(self, timeout: float | None = None) -> None:
         """Block until a background IVF build (if any) has finished."""
