@@ -117,6 +117,10 @@ def main(argv: list[str]) -> None:
                   f"store holds {store.stats()['entries']:,} tokens")
             if stop.is_set():
                 return
+            if not a.watch and store.stats()["ann_building"]:  # saved when done: a server then trains none
+                if not a.quiet:
+                    print(f"{root}: training its search index (IVF)...", file=sys.stderr)
+                store.wait_for_index()
         if a.watch:
             watchers = [Watcher(ix) for ix in indexers]
             for w in watchers:

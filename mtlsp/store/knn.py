@@ -13,7 +13,8 @@ lifecycle:
 - ``FlatMirror``: faiss GPU flat indexes, when the installed faiss has GPU support;
 - ``IvfIndex``: an approximate IVF index per head on the CPU once the store is large.  Each
   head's ``nprobe`` is chosen by measuring its recall@k against exact search.  Built on a
-  background thread, one head at a time.
+  background thread, one head at a time; after a restart, filled from the cells and list
+  numbers the last build saved (``cells.py``) instead of trained again.
 
 Slot numbers are shared by all heads: one slot is one token.  Removal is two-step for the
 indexes that hold their own copies.  ``remove`` hides slots at once: exact search and the
