@@ -16,18 +16,29 @@ from collections.abc import Callable
 from .gate import ModelGate
 
 
-def bound_heap_retention(threshold: int = 2 << 20) -> bool:
-    """Make glibc return large freed blocks to the system at once (``M_MMAP_THRESHOLD``).
+def bound_heap_retention(threshold: int = 2 << 20, arenas: int = 1) -> bool:
+    """Make glibc return large freed blocks to the system at once (``M_MMAP_THRESHOLD``), and
+    keep every thread's smaller blocks in ``arenas`` heaps (``M_ARENA_MAX``).
 
-    Why: encoding allocates activations of ever-changing shapes; glibc's adaptive threshold
-    then serves them from the heap and keeps the freed memory.  Measured while encoding 450k
-    tokens of pydantic on the dev machine: peak RSS 943 MB by default, 474 MB with a fixed
-    2 MB threshold (427 MB at 256 KB, but 1.9x slower).  Process-wide, so the long-running
-    commands (``mtlsp index``, the server) call it; a no-op off glibc.
+    Why the threshold: encoding allocates activations of ever-changing shapes; glibc's adaptive
+    threshold then serves them from the heap and keeps the freed memory.  Measured while
+    encoding 450k tokens of pydantic on the dev machine: peak RSS 943 MB by default, 474 MB
+    with a fixed 2 MB threshold (427 MB at 256 KB, but 1.9x slower).
+
+    Why one arena: the server's model runs on a worker thread and jedi on another, and glibc
+    gives such threads heaps of their own, which keep what they free.  ``benchmarks/server.py``
+    with a 1M-token memory, 30 sites (2026-12-03): RSS at the end 2,924 MiB with glibc's
+    default (8 arenas per core), 2,808 with 2, 2,457 with 1; latencies no worse.  The model's
+    work holds the interpreter lock or runs in torch's own threads, so threads rarely wait on
+    one heap.
+
+    Process-wide and best set before threads start, so the long-running commands (``mtlsp
+    index``, the server) call it first; a no-op off glibc.
     """
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(-3, threshold))  # -3: M_MMAP_THRESHOLD
+        ok = bool(libc.mallopt(-3, threshold))  # -3: M_MMAP_THRESHOLD
+        return bool(libc.mallopt(-8, arenas)) and ok  # -8: M_ARENA_MAX
     except (OSError, AttributeError):
         return False
 
