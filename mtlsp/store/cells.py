@@ -21,15 +21,13 @@ keys.
 
 from __future__ import annotations
 
-import struct
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import msgpack
 import numpy as np
 
-from .files import CorruptStore, atomic_write
+from .files import CorruptStore, read_checked, write_checked
 
 CELLS = "ivf-cells.bin"
 _MAGIC = b"MTLSPIV1"
@@ -88,24 +86,18 @@ def write_cells(directory: Path, stamp: Stamp, saved: SavedCells) -> None:
         "chunks": [list(c) for c in saved.chunks],
         "lists": np.ascontiguousarray(saved.lists, np.uint16).tobytes(),
     }, use_bin_type=True)
-    atomic_write(directory / CELLS, [_MAGIC, struct.pack("<I", zlib.crc32(body)), body])
+    write_checked(directory / CELLS, _MAGIC, body)
 
 
 def read_cells(directory: Path, stamp: Stamp) -> SavedCells | None:
     """The saved cells; None if there are none or they belong to another model or entry shape;
     ``CorruptStore`` if the file is damaged."""
     path = directory / CELLS
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
+    body = read_checked(path, _MAGIC, "IVF cells file")
+    if body is None:
         return None
-    if len(data) < 12 or data[:8] != _MAGIC:
-        raise CorruptStore(f"{path}: not an mtlsp IVF cells file")
-    (crc,) = struct.unpack_from("<I", data, 8)
-    if zlib.crc32(data[12:]) != crc:
-        raise CorruptStore(f"{path}: checksum mismatch")
     try:
-        m = msgpack.unpackb(data[12:], raw=False)
+        m = msgpack.unpackb(body, raw=False)
         if m["format"] != _FORMAT or (m["fingerprint"], m["heads"], m["dim"]) != (stamp.fingerprint, stamp.heads, stamp.dim):
             return None
         heads = [HeadCells(

@@ -289,25 +289,38 @@ def read_segment(directory: Path, seg: int, heads: int, dim: int) -> Entries:
     return Entries(*arrays)
 
 
+def write_checked(path: Path, magic: bytes, body: bytes) -> None:
+    """Write ``body`` atomically behind an 8-byte ``magic`` and its crc32 (``read_checked``)."""
+    atomic_write(path, [magic, struct.pack("<I", zlib.crc32(body)), body])
+
+
+def read_checked(path: Path, magic: bytes, what: str) -> bytes | None:
+    """The body ``write_checked`` wrote; None if there is no file; ``CorruptStore`` if its magic
+    or checksum is wrong."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    if len(data) < 12 or data[:8] != magic:
+        raise CorruptStore(f"{path}: not an mtlsp {what}")
+    (crc,) = struct.unpack_from("<I", data, 8)
+    if zlib.crc32(data[12:]) != crc:
+        raise CorruptStore(f"{path}: checksum mismatch")
+    return data[12:]
+
+
 def write_manifest(directory: Path, manifest: dict) -> None:
-    body = msgpack.packb(manifest, use_bin_type=True)
-    atomic_write(directory / MANIFEST, _MANIFEST_MAGIC + struct.pack("<I", zlib.crc32(body)) + body)
+    write_checked(directory / MANIFEST, _MANIFEST_MAGIC, msgpack.packb(manifest, use_bin_type=True))
 
 
 def read_manifest(directory: Path) -> dict | None:
     """The current manifest, None if the store has none yet, ``CorruptStore`` if unreadable."""
     path = directory / MANIFEST
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
+    body = read_checked(path, _MANIFEST_MAGIC, "manifest")
+    if body is None:
         return None
-    if len(data) < 12 or data[:8] != _MANIFEST_MAGIC:
-        raise CorruptStore(f"{path}: not an mtlsp manifest")
-    (crc,) = struct.unpack_from("<I", data, 8)
-    if zlib.crc32(data[12:]) != crc:
-        raise CorruptStore(f"{path}: checksum mismatch")
     try:
-        manifest = msgpack.unpackb(data[12:], raw=False, strict_map_key=False)
+        manifest = msgpack.unpackb(body, raw=False, strict_map_key=False)
     except (ValueError, msgpack.UnpackException) as e:
         raise CorruptStore(f"{path}: {e}") from e
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
