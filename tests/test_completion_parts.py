@@ -382,6 +382,21 @@ def test_prefill_matches_forward(decoder, model, tok, n):
     assert ctx.evidence is None  # no memory, no evidence
 
 
+def test_a_prompt_s_state_holds_its_own_keys_and_values_only(decoder, tok):
+    """A prompt's keys and values are computed as views into each block's fused projections
+    (queries included); the context the completer keeps per document must own just its keys and
+    values, with room to decode into, so that its size is what it holds."""
+    ids = rand_ids(tok, 12)  # one chunk: every layer's keys and values come from one pass
+    ctx = decoder.prefill(ids, None)
+    for kv in ctx.kv:
+        assert kv.buffer is not None and kv.buffer.claimed == 12
+        for part, whole in ((kv.keys, kv.buffer.keys), (kv.values, kv.buffer.values)):
+            assert part.untyped_storage().nbytes() == whole.numel() * whole.element_size()
+            assert whole.shape[2] == 12 + 64
+    stepped = decoder.step([ctx], [ids[0]], None)[0]  # decoding appends in place, into that room
+    assert all(a.buffer is b.buffer for a, b in zip(ctx.kv, stepped.kv))
+
+
 def test_prefill_with_memory_matches_forward_and_returns_its_evidence(decoder, model, tok):
     mem = a_memory(model, tok)
     ids = rand_ids(tok, 10)

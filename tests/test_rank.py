@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 from conftest import random_model, tiny_config
 from mtlsp_model.memory import TensorMemory
 
 from mtlsp.complete import candidates, prompt
-from mtlsp.complete.decode import Decoder
+from mtlsp.complete.decode import Decoder, Tree
 from mtlsp.complete.rank import Prior, Ranker
 
 SRC = "from app import pricing\n\n\ndef report(lines):\n    total = pricing.su"
@@ -127,6 +129,21 @@ def test_ranking_scores_are_the_model_s_own_log_probabilities(setup, tok, tree_n
         assert r.logprob == pytest.approx(want, abs=1e-3), r.name
         assert tok.decode(r.read().ids[len(p.ids):]).encode() == head + r.name.encode()
         assert r.trail() and all(e is not None for e in r.trail())  # memory reads along the name
+
+
+def test_the_scores_a_popup_keeps_do_not_hold_the_trie_they_came_from(setup, tok):
+    """A popup list keeps every scored name's log-probability and evidence for later keystrokes;
+    the trie read whole (its (N, V) log-probabilities, its copy of the prompt's keys and values)
+    must not stay alive with them, one per open document."""
+    _, decoder, memory = setup
+    p = prompt.build(tok, "app/report.py", SRC, len(SRC), prefix_tokens=200)
+    ctx = decoder.prefill(p.ids, memory)
+    ranker = Ranker(decoder, tree_nodes=96)
+    kept = {r.name: (r.logprob, r.trail) for r in ranker.score(ctx, p.head, ["summarize_ledger", "subtotal"], memory)}
+    ranker.score(ctx, p.head, ["summary", "super"], memory)  # the ranker keeps only this last trie
+    gc.collect()
+    assert sum(type(o) is Tree for o in gc.get_objects()) == 1
+    assert all(trail() and all(e is not None for e in trail()) for _, trail in kept.values())
 
 
 def test_a_narrow_beam_finds_at_best_what_reading_the_whole_trie_finds(setup, tok):

@@ -154,8 +154,9 @@ class Completer:
         ``unbound``: nats a candidate name loses where static analysis lists others but not it
         (``rank.Prior``; 0: the model alone ranks them).
         ``max_docs``: documents whose model state is kept.  A prompt's keys and values take
-        about 18 MB (384 tokens, 30 layers, float32), two per document; an editor with many
-        files open would otherwise hold them all, while only the ones being typed in pay off."""
+        about 20 MB (384 tokens and room for 64, 30 layers, float32), one or two per document
+        (ghost text and popup share one where their prompts agree); an editor with many files
+        open would otherwise hold them all, while only the ones being typed in pay off."""
         self.decoder = decoder
         self.tok = decoder.tok
         self.ranker = Ranker(decoder)

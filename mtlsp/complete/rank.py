@@ -182,8 +182,8 @@ class Ranker:
             score.append(gained[i] + (score[p] if p >= 0 else 0.0))
         nodes = sorted({i for i, _ in ends})  # every leaf ends a name: never empty
         boundary = dict(zip(nodes, self._boundaries(tree.logits[nodes]).tolist(), strict=True))
-        return [Ranked(name, score[i] + boundary[i] + prior(name),
-                       lambda i=i: [ctx.evidence] + [tree.evidence(j) for j in tree.path(i)],
+        trail = tree.trail  # what a popup keeps of the trie (``decode.Trail``)
+        return [Ranked(name, score[i] + boundary[i] + prior(name), lambda i=i: trail.along(i),
                        lambda i=i: tree.context(i))
                 for i, name in ends]
 
