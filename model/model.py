@@ -117,6 +117,9 @@ class ModelConfig:
         return replace(self, **memory)
 
 
+ROOM = 64  # spare positions a new key/value buffer gets: a ghost text's tokens fit without a copy
+
+
 class KVBuffer:
     """Keys and values with room after them, and how far they are claimed (see ``KV.extend``)."""
 
@@ -134,7 +137,7 @@ class KV(NamedTuple):
     values: Tensor
     buffer: KVBuffer | None = None
 
-    def extend(self, keys: Tensor, values: Tensor, room: int = 64) -> KV:
+    def extend(self, keys: Tensor, values: Tensor, room: int = ROOM) -> KV:
         """These keys and values followed by ``keys``/``values`` along the sequence axis, without
         copying these where possible: decoding appends one token at a time, and copying every
         layer's keys and values at every step costs as much as the attention itself.
@@ -155,7 +158,7 @@ class KV(NamedTuple):
         return KV(buf.keys[:, :, : n + T], buf.values[:, :, : n + T], buf)
 
     @staticmethod
-    def own(keys: Tensor, values: Tensor, room: int = 64) -> KV:
+    def own(keys: Tensor, values: Tensor, room: int = ROOM) -> KV:
         """The first keys and values of a sequence, copied into a buffer of their own with
         ``room`` spare positions.  As computed they are views into the block's rotated and fused
         projections, which hold the queries too: a 384-token prompt's state then kept 60-80 MB

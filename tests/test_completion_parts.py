@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import random_model, tiny_config
 from mtlsp_model.memory import TensorMemory
+from mtlsp_model.model import ROOM
 
 from mtlsp.complete import prompt
 from mtlsp.complete.decode import Decoder, Evidence, common_prefix, guess
@@ -392,7 +393,7 @@ def test_a_prompt_s_state_holds_its_own_keys_and_values_only(decoder, tok):
         assert kv.buffer is not None and kv.buffer.claimed == 12
         for part, whole in ((kv.keys, kv.buffer.keys), (kv.values, kv.buffer.values)):
             assert part.untyped_storage().nbytes() == whole.numel() * whole.element_size()
-            assert whole.shape[2] == 12 + 64
+            assert whole.shape[2] == 12 + ROOM
     stepped = decoder.step([ctx], [ids[0]], None)[0]  # decoding appends in place, into that room
     assert all(a.buffer is b.buffer for a, b in zip(ctx.kv, stepped.kv))
 

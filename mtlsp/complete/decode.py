@@ -135,11 +135,20 @@ class Tree:
 
     def __init__(self, ctx: Context, tokens: list[int], parents: list[int], logits: Tensor,
                  kv: list[KV], reads: list[Read]) -> None:
-        self.ctx, self.tokens, self.parents = ctx, tokens, parents
+        self.ctx, self.tokens = ctx, tokens
         self.logits = logits  # (N, V): log-probabilities of the token after each node
         self._kv = kv
-        self.trail = Trail(ctx.evidence, parents, reads)
-        self.path, self.evidence = self.trail.path, self.trail.evidence
+        self.trail = Trail(ctx.evidence, parents, reads)  # the trie's shape and memory reads
+
+    @property
+    def parents(self) -> list[int]:
+        return self.trail.parents
+
+    def path(self, node: int) -> list[int]:
+        return self.trail.path(node)
+
+    def evidence(self, node: int) -> Evidence | None:
+        return self.trail.evidence(node)
 
     def context(self, node: int) -> Context:
         """The context followed by the tokens down to ``node``, as if read one at a time: the
