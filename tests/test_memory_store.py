@@ -29,6 +29,7 @@ from mtlsp.store.files import (
     StoreError,
     WriterLock,
     bytes_per_token,
+    quantize,
     read_manifest,
     segment_name,
     store_dir_for,
@@ -463,6 +464,29 @@ def test_approximate_index_recall_is_measured(tmp_path, k):
     hits = store.search(q, 32)
     assert all(hits.source(h, 0, j)[0] != "f0.py" for h in range(HEADS) for j in range(32))
     assert store.stats()["tombstones"] == 4000
+
+
+def test_ivf_lists_keep_one_byte_per_dimension_and_their_hits_are_scored_exactly():
+    """The lists hold 8-bit codes (half of fp16), and their candidates are rescored from the
+    key table: probing every cell finds exactly what the exact scan finds, scores included,
+    although the codes alone order close keys wrongly."""
+    rng = np.random.default_rng(5)
+    centres = keys_like(rng, 40, heads=1)
+    x = clustered(rng, centres, 20_000)
+    codes, scales = quantize(x[:, 0])
+    table = knn.KeyTable(1, DIM)
+    table.reserve(len(codes))
+    slots = np.arange(len(codes))
+    table.put(slots, codes[:, None], scales[:, None])
+    ivf = knn.IvfIndex(slots, codes, scales, table, 0)
+    assert ivf.index.code_size == DIM
+    q = clustered(rng, centres, 200)[:, 0].astype(np.float32)
+    scores, ids = ivf.search(q, 16, nprobe=ivf.nlist)
+    exact_scores, exact_ids = knn.top_k(q, codes, scales, 16)
+    assert knn.recall_at_k(ids, exact_ids) == 1.0
+    np.testing.assert_allclose(scores, exact_scores, rtol=1e-5, atol=1e-5)
+    codes_only = ivf.index.search(q, 16, params=faiss.SearchParametersIVF(nprobe=ivf.nlist))[1]
+    assert knn.recall_at_k(codes_only, exact_ids) < 1.0
 
 
 def ivf_ids(ivf: knn.IvfIndex) -> list[int]:

@@ -1,8 +1,8 @@
 """Top-k inner-product search, one memory head at a time, over the store's numbered slots.
 
 A slot holds one token: for each of the model's H memory heads an int8 key with an fp16 scale
-(``KeyTable``).  That table is the only copy of the keys in RAM.  Exact search scans it, and
-every other index is built from it.  At a million tokens and four heads, fp32 copies would
+(``KeyTable``).  That table is the only exact copy of the keys in RAM.  Exact search scans it,
+every other index is built from it, and the IVF indexes rescore their candidates with it.  At a million tokens and four heads, fp32 copies would
 take a gigabyte per index.  Memory head h searches only head h's keys.  A ``Searcher`` answers
 (H, nq, D) queries (or those of some heads) with (H, nq, k) hits, and runs the indexes'
 lifecycle:
@@ -11,10 +11,11 @@ lifecycle:
 - ``TorchMirror``: exact search by a batched matrix product in torch, for CUDA when faiss has
   no GPU;
 - ``FlatMirror``: faiss GPU flat indexes, when the installed faiss has GPU support;
-- ``IvfIndex``: an approximate IVF index per head on the CPU once the store is large.  Each
-  head's ``nprobe`` is chosen by measuring its recall@k against exact search.  Built on a
-  background thread, one head at a time; after a restart, filled from the cells and list
-  numbers the last build saved (``cells.py``) instead of trained again.
+- ``IvfIndex``: an approximate IVF index per head on the CPU once the store is large: 8-bit
+  codes in its lists, its candidates rescored from the key table.  Each head's ``nprobe`` is
+  chosen by measuring its recall@k against exact search.  Built on a background thread, one
+  head at a time; after a restart, filled from the cells and list numbers the last build
+  saved (``cells.py``) instead of trained again.
 
 Slot numbers are shared by all heads: one slot is one token.  Removal is two-step for the
 indexes that hold their own copies.  ``remove`` hides slots at once: exact search and the
@@ -47,6 +48,8 @@ _BLOCK = 65_536  # keys dequantised to fp32 at a time when filling an index
 _SCAN_BLOCK = 16_384  # keys per step of an exact scan: the fp32 block stays in cache
 _QUERY_GROUP = 8  # queries scored together by an exact scan
 _PROBE_QUERIES = 256  # queries per head the IVF recall is measured on
+_RERANK = 2  # an IVF search rescores this many times k candidates exactly (``IvfIndex``)
+_RANGE_MARGIN = 0.05  # an IVF head's 8-bit range spans its keys' and this share more on each side
 
 
 class Settings(Protocol):
@@ -216,17 +219,24 @@ def _selector(slots: set[int]) -> tuple:
 
 
 class IvfIndex:
-    """Approximate search over one head's keys: inverted lists of fp16 keys, scanned by inner
-    product, in cells found on keys lifted to norm-equalised vectors.
+    """Approximate search over one head's keys: inverted lists of 8-bit codes, scanned by inner
+    product, in cells found on keys lifted to norm-equalised vectors; the best ``_RERANK`` x k
+    then scored exactly from the store's key table.
 
     Raw attention keys vary in norm, and inner-product k-means lets big centroids swallow the
     cells.  On 1M synthetic keys, recall@32 with 32 of 1,024 cells probed was 0.59.  So the cells come
     from L2 k-means on keys lifted to D+1 dimensions, x -> (x, sqrt(M^2 - |x|^2)) with M the
     largest norm (Bachrach et al., 2014).  A lifted query (q, 0) is then nearest to the cells
     holding its best inner products, which gave recall 0.98 at the same 32 probes.  Lists keep
-    the keys themselves (D dims, fp16: 128 bytes at D=64) and are scanned in faiss, which sees
-    the cells only as list numbers (``add_core``, ``search_preassigned``).  A key added later
-    with a norm above M lifts to (x, 0): still placed, slightly less well, until the rebuild.
+    each key as D bytes (faiss's per-dimension 8-bit scalar quantizer, its range the head's
+    smallest and largest value in each dimension) and are scanned in faiss, which sees the cells
+    only as list numbers (``add_core``, ``search_preassigned``).  Those codes alone order close
+    keys wrongly (recall@16 0.930-0.973 where fp16 lists reached 0.947-0.996 on pydantic's 1M
+    real keys); rescoring twice as many candidates from the key table's exact keys gave fp16's
+    recall at every nprobe, in half the RAM (72 instead of 136 bytes per key with its id), for
+    a search about 30% slower (``docs/memory.md``).  A key added later with a norm above M lifts
+    to (x, 0), and one beyond the trained range is clipped to it: both still found, slightly
+    less well, until the rebuild.
 
     Built from a snapshot of the head's live keys (possibly on a background thread: faiss
     releases the GIL), then kept current by ``add`` and ``purge``; removed slots are hidden by
@@ -234,12 +244,13 @@ class IvfIndex:
     recall@k against exact search reaches the target.
     """
 
-    def __init__(self, slots: np.ndarray, codes: np.ndarray, scales: np.ndarray, *, seed: int = 0,
-                 cells: HeadCells | None = None, lists: np.ndarray | None = None) -> None:
+    def __init__(self, slots: np.ndarray, codes: np.ndarray, scales: np.ndarray, table: KeyTable, head: int, *,
+                 seed: int = 0, cells: HeadCells | None = None, lists: np.ndarray | None = None) -> None:
         """Train and fill from int8 ``codes`` (n, D) and ``scales`` (n,), stored under ids ``slots``.
 
-        With saved ``cells`` (``cells.py``) nothing is trained or tuned: the keys go into those
-        cells, into the list ``lists`` (n,) gives where it is not -1, else the nearest.
+        ``table`` and ``head``: where the exact keys of the candidates are read.  With saved
+        ``cells`` (``cells.py``) nothing is trained or tuned: the keys go into those cells, into
+        the list ``lists`` (n,) gives where it is not -1, else the nearest.
         """
         n, dim = codes.shape
         t0 = time.perf_counter()
@@ -248,10 +259,15 @@ class IvfIndex:
             for start in range(0, n, _BLOCK):
                 yield start, dequantize(codes[start : start + _BLOCK], scales[start : start + _BLOCK])
 
+        self.table, self.head = table, head
+        lo, hi, norm = np.full(dim, np.inf, np.float32), np.full(dim, -np.inf, np.float32), 0.0
+        for _start, keys in blocks():
+            lo, hi = np.minimum(lo, keys.min(axis=0)), np.maximum(hi, keys.max(axis=0))
+            norm = max(norm, float(np.linalg.norm(keys, axis=1).max()))
         self._cells = faiss.IndexFlatL2(dim + 1)  # lifted centroids: assigns added keys to lists
         if cells is None:
             self.nlist = int(np.clip(2 ** round(np.log2(max(1.0, np.sqrt(n)))), 64, 1024))
-            self.max_norm = max(float(np.linalg.norm(keys, axis=1).max()) for _start, keys in blocks())
+            self.max_norm = norm
             pick = np.sort(np.random.default_rng(seed).choice(n, size=min(n, 48 * self.nlist), replace=False))
             kmeans = faiss.Clustering(dim + 1, self.nlist)
             kmeans.niter, kmeans.seed = 10, seed
@@ -268,9 +284,12 @@ class IvfIndex:
         self._quantizer = faiss.IndexFlatIP(dim)  # faiss wants one; lists are chosen by the lifted cells
         self._quantizer.add(centroids)
         self.index = faiss.IndexIVFScalarQuantizer(
-            self._quantizer, dim, self.nlist, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT, False
+            self._quantizer, dim, self.nlist, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT, False
         )
-        self.index.train(centroids)  # the quantizer is full already: this only readies the fp16 codes
+        # the quantizer is full already: this trains only the codes' range, from the two extreme
+        # vectors (min-max over them is the head's per-dimension range), widened for later keys
+        self.index.sq.rangestat_arg = _RANGE_MARGIN
+        self.index.train(np.ascontiguousarray(np.stack([lo, hi])))
         known = np.full(n, -1, np.int64) if lists is None else np.asarray(lists, np.int64)
         todo = np.flatnonzero(known < 0)
         self.assigned = len(todo)  # keys put into cells by search now, not by saved list numbers
@@ -349,15 +368,22 @@ class IvfIndex:
         nearness = (self._half_norms - torch.from_numpy(q) @ self._centroids_t).numpy()
         lists = np.ascontiguousarray(np.argpartition(nearness, nprobe - 1, axis=1)[:, :nprobe], dtype=np.int64)
         cell_scores = np.zeros(lists.shape, np.float32)  # unused for inner product without residuals
-        D = np.empty((len(q), k), np.float32)
-        I = np.empty((len(q), k), np.int64)
+        wide = _RERANK * k
+        D = np.empty((len(q), wide), np.float32)
+        I = np.empty((len(q), wide), np.int64)
         params = faiss.SearchParametersIVF(nprobe=nprobe)
         if sel is not None:
             params.sel = sel
         self.index.search_preassigned_c(
-            len(q), faiss.swig_ptr(q), k, faiss.swig_ptr(lists), faiss.swig_ptr(cell_scores),
+            len(q), faiss.swig_ptr(q), wide, faiss.swig_ptr(lists), faiss.swig_ptr(cell_scores),
             faiss.swig_ptr(D), faiss.swig_ptr(I), False, params)
-        return D, I
+        found = I >= 0
+        # ``tune`` runs outside the store's lock: a slot reused meanwhile is scored by its new key
+        exact = np.einsum("qcd,qd->qc", self.table.floats(np.where(found, I, 0), self.head), q)
+        exact[~found] = -np.inf
+        best = np.argsort(-exact, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(exact, best, 1), np.where(np.take_along_axis(found, best, 1),
+                                                            np.take_along_axis(I, best, 1), -1)
 
     def tune(self, queries: np.ndarray, exact_ids: np.ndarray, k: int, target: float) -> float:
         """Smallest power-of-two nprobe with recall@k >= target; returns the recall reached."""
@@ -736,12 +762,12 @@ class Searcher:
                 known[inside] = self._offer_lists[h, slots[inside]]
                 source = f"{saved.measured_on}, cells read from disk"
         if saved is None:
-            ivf = IvfIndex(slots, codes, scales)
+            ivf = IvfIndex(slots, codes, scales, self.keys, h)
             exact = top_k(queries, codes, scales, k)[1]
             exact = np.where(exact >= 0, slots[np.clip(exact, 0, None)], -1)
             ivf.tune(queries, exact, k, self.settings.ann_recall)
         else:
-            ivf = IvfIndex(slots, codes, scales, cells=saved.heads[h], lists=known)
+            ivf = IvfIndex(slots, codes, scales, self.keys, h, cells=saved.heads[h], lists=known)
         del codes, scales
         with self._lock:
             for op, changed in self._log:
