@@ -133,6 +133,11 @@ def test_metrics_on_hand_made_pairs():
     assert metrics.identifiers("if x and foo(y, 3): return None") == ["x", "foo", "y"]  # None is a keyword
     assert metrics.identifier_match("foo(a,b)", "foo(a, b)")
     assert not metrics.identifier_match("foo(a)", "foo(b)")
+    # as CrossCodeEval counts them: words in string literals and comments are not identifiers,
+    # True and False are
+    assert metrics.identifier_match('app.route("/key", methods=["GET"])', "app.route('/other', methods=['POST'])")
+    assert metrics.identifiers("f('it\\'s', True)  # a note") == ["f", "True"]
+    assert metrics.identifiers('route("/ke') == ["route", "ke"]  # a literal cut short is still code
     assert metrics.first_name("  compute_total(rows)") == "compute_total"
     assert metrics.first_name("(x)") == ""
     assert metrics.reciprocal_rank("b", ["a", "b", "c"]) == 0.5

@@ -2,7 +2,9 @@
 
 Line completion follows CrossCodeEval: exact match of the whitespace-stripped line, edit
 similarity, and identifier exact match (the sequence of identifiers in the completion equals
-the target's, keywords excluded).  Edit similarity here is ``1 - Levenshtein / max(len)``, the
+the target's).  Identifiers are counted as CrossCodeEval's ``extract_identifiers`` counts them:
+string literals and comments removed first, so a guessed URL or message does not decide the
+match; Python's keywords left out, except ``True`` and ``False``, which it counts.  Edit similarity here is ``1 - Levenshtein / max(len)``, the
 CodeXGLUE/RepoBench form; CrossCodeEval's ``fuzz.ratio`` is an Indel ratio and reads a little
 higher on the same pairs.  Popup lists (ours and jedi's) are scored by top-1 and mean
 reciprocal rank of the right name.
@@ -17,6 +19,8 @@ from collections.abc import Sequence
 import numpy as np
 
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_STRING = re.compile(r""""(?:[^"\\\n]|\\.)*"|'(?:[^'\\\n]|\\.)*'""")  # closed literals; an unclosed one stays code
+_KEYWORDS = frozenset(keyword.kwlist) - {"True", "False"}
 
 
 def levenshtein(a: str, b: str) -> int:
@@ -43,8 +47,9 @@ def exact_match(prediction: str, target: str) -> bool:
 
 
 def identifiers(code: str) -> list[str]:
-    """Identifiers in order of appearance, Python keywords left out."""
-    return [w for w in _IDENT.findall(code) if not keyword.iskeyword(w)]
+    """Identifiers in order of appearance, outside string literals and comments (see above)."""
+    code = "\n".join(line.split("#", 1)[0] for line in _STRING.sub("", code).split("\n"))
+    return [w for w in _IDENT.findall(code) if w not in _KEYWORDS]
 
 
 def identifier_match(prediction: str, target: str) -> bool:
