@@ -260,10 +260,12 @@ class IvfIndex:
                 yield start, dequantize(codes[start : start + _BLOCK], scales[start : start + _BLOCK])
 
         self.table, self.head = table, head
+        # one pass for the codes' range, and for the largest norm where the cells are trained
         lo, hi, norm = np.full(dim, np.inf, np.float32), np.full(dim, -np.inf, np.float32), 0.0
         for _start, keys in blocks():
             lo, hi = np.minimum(lo, keys.min(axis=0)), np.maximum(hi, keys.max(axis=0))
-            norm = max(norm, float(np.linalg.norm(keys, axis=1).max()))
+            if cells is None:
+                norm = max(norm, float(np.linalg.norm(keys, axis=1).max()))
         self._cells = faiss.IndexFlatL2(dim + 1)  # lifted centroids: assigns added keys to lists
         if cells is None:
             self.nlist = int(np.clip(2 ** round(np.log2(max(1.0, np.sqrt(n)))), 64, 1024))
