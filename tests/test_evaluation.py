@@ -233,7 +233,8 @@ def _entries(rng, n):
 @pytest.mark.parametrize("ann", [False, True])
 def test_search_can_hide_a_file_for_one_query(tmp_path, ann):
     rng = np.random.default_rng(0)
-    opts = StoreOptions(ann_threshold=8192 if ann else 10**9, ann_background=False, refresh_interval=0.0)
+    opts = StoreOptions(ann_threshold=8192 if ann else 10**9, ann_background=False, refresh_interval=0.0,
+                        ann_rebuild_fraction=0.9)  # no rebuild below: a removed file's keys stay in the lists
     store = MemoryStore(tmp_path / "s", fingerprint="fp", heads=HEADS, dim=DIM, options=opts)
     a, b = _entries(rng, 4500), _entries(rng, 4500)
     store.update([FileUpdate("a.py", "ha", [NewChunk(0, 13500, "ca", a)]),
@@ -247,6 +248,13 @@ def test_search_can_hide_a_file_for_one_query(tmp_path, ann):
     assert {hidden.path_table[f] for f in hidden.file_ids[hidden.mask]} == {"b.py"}
     again = store.search(q, 4)  # hiding lasts for that search only
     assert (again.slots == seen.slots).all()
+    other = store.search(q, 4, hide=("b.py",))  # another file hidden: nothing of the last hiding kept
+    assert {other.path_table[f] for f in other.file_ids[other.mask]} == {"a.py"}
+    assert (store.search(q, 4, hide=("a.py",)).slots == hidden.slots).all()
+    store.update([FileUpdate("c.py", "hc", [NewChunk(0, 13500, "cc", _entries(rng, 4500))])], removes=["b.py"])
+    assert store.stats()["backend"] == ("faiss-cpu ivf" if ann else "cpu exact")  # b.py's keys are tombstones
+    after = store.search(q, 4, hide=("a.py",))  # the same file hidden after a removal: only live keys found
+    assert after.mask.all() and {after.path_table[f] for f in after.file_ids.ravel()} == {"c.py"}
 
 
 def test_copy_files_moves_entries_without_encoding(tmp_path):

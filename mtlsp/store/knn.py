@@ -550,6 +550,9 @@ class Searcher:
         self.dead: set[int] = set()  # removed slots some index still holds (tombstones)
         self._lock = lock
         self._sel: tuple | None = None  # faiss selector hiding ``dead``, built when needed
+        # the selector hiding ``dead`` and the latest ``hidden`` slots, keyed by those slots:
+        # evaluation hides one file for thousands of searches, and building it took ~2 ms each
+        self._hidden_sel: tuple[bytes, tuple] | None = None
         self.ivf: list[IvfIndex | None] = [None] * heads
         self._thread: threading.Thread | None = None
         self._log: list[tuple[str, np.ndarray]] | None = None  # changes during a head's IVF build
@@ -595,7 +598,7 @@ class Searcher:
         if self.mirror is not None:
             self.mirror.remove(slots)
         self.dead.update(slots.tolist())
-        self._sel = None
+        self._sel = self._hidden_sel = None
         self._changes += len(slots)
 
     def purge(self, force: bool = False) -> np.ndarray:
@@ -618,7 +621,7 @@ class Searcher:
         if self.mirror is not None and self.mirror.needs_purge:
             self._refill_mirror()
         self.dead.clear()
-        self._sel = None
+        self._sel = self._hidden_sel = None
         return freed
 
     def _refill_mirror(self) -> None:
@@ -660,14 +663,14 @@ class Searcher:
         scores = np.full((G, nq, k), -np.inf, np.float32)
         slots = np.full((G, nq, k), -1, np.int64)
         keep = None
-        sel = None
         for i, h in enumerate(heads):
             if self._ivf_in_use(h):
                 if hidden is not None:
-                    sel = sel or _selector(self.dead | set(hidden.tolist()))
-                elif self.dead and self._sel is None:
-                    self._sel = _selector(self.dead)
-                use = sel if hidden is not None else self._sel
+                    use = self._hiding(hidden)
+                else:
+                    if self.dead and self._sel is None:
+                        self._sel = _selector(self.dead)
+                    use = self._sel
                 scores[i], slots[i] = self.ivf[h].search(queries[i], k, use[0] if use else None)
             else:
                 if keep is None:
@@ -677,6 +680,13 @@ class Searcher:
                 n = self.keys.used
                 scores[i], slots[i] = top_k(queries[i], self.keys.codes[h, :n], self.keys.scales[h, :n], k, keep)
         return scores, slots
+
+    def _hiding(self, hidden: np.ndarray) -> tuple:
+        """The selector hiding ``dead`` and ``hidden``, reused while both stay the same."""
+        key = hidden.tobytes()
+        if self._hidden_sel is None or self._hidden_sel[0] != key:
+            self._hidden_sel = (key, _selector(self.dead | set(hidden.tolist())))
+        return self._hidden_sel[1]
 
     def _remember(self, queries: np.ndarray, heads: list[int]) -> None:
         """Keep each head's latest queries: IVF recall is measured on real ones when it can be."""
