@@ -4,9 +4,10 @@ Issue 14's speed targets (encoding ≥ 1,500 tokens/s; a 384-token prompt read i
 set on another machine.  Whether they can be met here is a question of arithmetic: every token
 read passes through each block's four weight products (query/key/value, output, gate/up,
 down; fused as the runtime runs them), and those products alone take a measurable time.  This
-script times exactly those products, in the runtime's own ``CpuLinear`` layers and precisions
-(float32 or bfloat16, whichever this CPU's runtime chose; int8 encoding products too, where
-the quantized kernels exist), at the row counts the product uses, and turns them into:
+script times exactly those products: the shipped model's own layers of one block, made ready
+by the runtime (``for_inference``: float32 or bfloat16, whichever this CPU's runtime chooses;
+int8 encoding products too, ``quantize_encoding``, where the quantized kernels exist), at the
+row counts the product uses, and turns them into:
 
 - **encoding ceiling**: tokens/s if encoding did nothing but the products of the blocks up to
   the last memory layer (no attention, norms, memory search or store);
@@ -34,8 +35,7 @@ import time
 from pathlib import Path
 
 import torch
-from mtlsp_model.model import ModelConfig
-from mtlsp_model.runtime import CpuLinear, cpu_product_dtype, encoding
+from mtlsp_model.runtime import encoding, for_inference, quantize_encoding
 from mtlsp_model.weights import load_weights
 from torch import nn
 
@@ -50,24 +50,15 @@ def _median_s(f, repeats: int) -> float:
     return statistics.median(times)
 
 
-def block_shapes(cfg: ModelConfig) -> list[tuple[int, int]]:
-    """(in, out) of one block's products as the runtime fuses them."""
-    kv = cfg.n_kv_head * cfg.head_dim
-    return [(cfg.d_model, cfg.d_model + 2 * kv), (cfg.d_model, cfg.d_model),
-            (cfg.d_model, 2 * cfg.d_ff), (cfg.d_ff, cfg.d_model)]
+def block_products(block: nn.Module) -> list[nn.Module]:
+    """One block's products as the runtime runs them (after ``for_inference`` fused them)."""
+    return [block.attn.qkv, block.attn.o_proj, block.mlp.gate_up, block.mlp.down]
 
 
-def products_s(shapes: list[tuple[int, int]], rows: int, dtype: torch.dtype, int8: bool, repeats: int) -> float:
-    """Median seconds for one pass of ``rows`` rows through every product in ``shapes``."""
+def products_s(layers: list[nn.Module], rows: int, int8: bool, repeats: int) -> float:
+    """Median seconds for one pass of ``rows`` rows through every layer of ``layers``."""
     gen = torch.Generator().manual_seed(0)
-    layers, inputs = [], []
-    for n_in, n_out in shapes:
-        layer = CpuLinear(nn.Linear(n_in, n_out, bias=False), dtype, four_bits=False)
-        x = torch.randn(rows, n_in, generator=gen)
-        if int8:
-            layer.quantize_for_encoding(x.abs().amax(0))
-        layers.append(layer)
-        inputs.append(x.to(dtype))
+    inputs = [torch.randn(rows, layer.w.shape[1], generator=gen).to(layer.w.dtype) for layer in layers]
 
     def run() -> None:
         with torch.inference_mode(), (encoding() if int8 else contextlib.nullcontext()):
@@ -91,29 +82,30 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("MTLSP_THREADS", os.cpu_count() or 1)))
 
-    cfg = load_weights(None).config  # the shipped default's architecture and memory layers
-    shapes = block_shapes(cfg)
-    dtype = cpu_product_dtype()
-    macs = sum(i * o for i, o in shapes)
+    loaded = load_weights(None)  # the shipped default: its architecture, memory layers and weights
+    model, cfg = for_inference(loaded.model, torch.device("cpu")), loaded.model.cfg
+    layers = block_products(model.blocks[0])
+    macs = sum(layer.w.numel() for layer in layers)
     out: dict = {
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+                   f"torch {torch.__version__}",
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "product_dtype": str(dtype).removeprefix("torch."),
+        "product_dtype": str(layers[0].w.dtype).removeprefix("torch."),
         "dense_gflops": round(dense_gflops(a.repeats), 1),
         "encode_layers": cfg.encode_layers,
         "layers": cfg.n_layer,
         "block_mflop_per_token": round(2 * macs / 1e6, 2),
     }
+    head = products_s([model.lm_head], 1, False, a.repeats)  # the last position's scores
     variants = {"product precision": False}
     try:
-        products_s(shapes[:1], 8, dtype, True, 1)
+        quantize_encoding(model, loaded.tokenizer, loaded.info["base_folder"])
         variants["int8 encoding products"] = True
     except (RuntimeError, AttributeError, NotImplementedError):  # no quantized engine in this torch
         pass
     for name, int8 in variants.items():
-        enc = products_s(shapes, a.piece, dtype, int8, a.repeats)
-        pre = products_s(shapes, a.prompt, dtype, int8, a.repeats)
-        head = products_s([(cfg.d_model, cfg.vocab_size)], 1, dtype, False, a.repeats)
+        enc = products_s(layers, a.piece, int8, a.repeats)
+        pre = products_s(layers, a.prompt, int8, a.repeats)
         out[name] = {
             "block_products_gflops": round(2 * macs * a.piece / enc / 1e9, 1),
             "encoding_ceiling_tok_s": round(a.piece / (enc * cfg.encode_layers)),

@@ -6,8 +6,8 @@ the target's).  Identifiers are counted as CrossCodeEval's ``extract_identifiers
 string literals and comments removed first, so a guessed URL or message does not decide the
 match; Python's keywords left out, except ``True`` and ``False``, which it counts.  Edit
 similarity here is ``1 - Levenshtein / max(len)``, the CodeXGLUE/RepoBench form;
-CrossCodeEval's ``fuzz.ratio`` is an Indel ratio and reads a little higher on the same pairs.  Popup lists (ours and jedi's) are scored by top-1 and mean
-reciprocal rank of the right name.
+CrossCodeEval's ``fuzz.ratio`` is an Indel ratio and reads a little higher on the same pairs.
+Popup lists (ours and jedi's) are scored by top-1 and mean reciprocal rank of the right name.
 """
 
 from __future__ import annotations

@@ -549,10 +549,9 @@ class Searcher:
         self.live = 0
         self.dead: set[int] = set()  # removed slots some index still holds (tombstones)
         self._lock = lock
-        self._sel: tuple | None = None  # faiss selector hiding ``dead``, built when needed
-        # the selector hiding ``dead`` and the latest ``hidden`` slots, keyed by those slots:
-        # evaluation hides one file for thousands of searches, and building it took ~2 ms each
-        self._hidden_sel: tuple[bytes, tuple] | None = None
+        # faiss selectors hiding ``dead`` (key b"") and ``dead`` with the latest ``hidden`` slots
+        # (key: those slots), built when needed (``_hiding``)
+        self._selectors: dict[bytes, tuple | None] = {}
         self.ivf: list[IvfIndex | None] = [None] * heads
         self._thread: threading.Thread | None = None
         self._log: list[tuple[str, np.ndarray]] | None = None  # changes during a head's IVF build
@@ -598,7 +597,7 @@ class Searcher:
         if self.mirror is not None:
             self.mirror.remove(slots)
         self.dead.update(slots.tolist())
-        self._sel = self._hidden_sel = None
+        self._selectors.clear()
         self._changes += len(slots)
 
     def purge(self, force: bool = False) -> np.ndarray:
@@ -621,7 +620,7 @@ class Searcher:
         if self.mirror is not None and self.mirror.needs_purge:
             self._refill_mirror()
         self.dead.clear()
-        self._sel = self._hidden_sel = None
+        self._selectors.clear()
         return freed
 
     def _refill_mirror(self) -> None:
@@ -665,12 +664,7 @@ class Searcher:
         keep = None
         for i, h in enumerate(heads):
             if self._ivf_in_use(h):
-                if hidden is not None:
-                    use = self._hiding(hidden)
-                else:
-                    if self.dead and self._sel is None:
-                        self._sel = _selector(self.dead)
-                    use = self._sel
+                use = self._hiding(hidden)
                 scores[i], slots[i] = self.ivf[h].search(queries[i], k, use[0] if use else None)
             else:
                 if keep is None:
@@ -681,12 +675,19 @@ class Searcher:
                 scores[i], slots[i] = top_k(queries[i], self.keys.codes[h, :n], self.keys.scales[h, :n], k, keep)
         return scores, slots
 
-    def _hiding(self, hidden: np.ndarray) -> tuple:
-        """The selector hiding ``dead`` and ``hidden``, reused while both stay the same."""
-        key = hidden.tobytes()
-        if self._hidden_sel is None or self._hidden_sel[0] != key:
-            self._hidden_sel = (key, _selector(self.dead | set(hidden.tolist())))
-        return self._hidden_sel[1]
+    def _hiding(self, hidden: np.ndarray | None) -> tuple | None:
+        """The faiss selector hiding ``dead`` and ``hidden`` (None: nothing to hide), reused
+        while both stay the same: the server's searches hide ``dead`` only, evaluation's one
+        file for thousands of searches, and building a selector took ~2 ms.  Kept: the one
+        without ``hidden`` and the latest one with it."""
+        key = b"" if hidden is None else hidden.tobytes()
+        if key not in self._selectors:
+            if key:
+                for old in [k for k in self._selectors if k]:
+                    del self._selectors[old]
+            slots = self.dead if hidden is None else self.dead | set(hidden.tolist())
+            self._selectors[key] = _selector(slots) if slots else None
+        return self._selectors[key]
 
     def _remember(self, queries: np.ndarray, heads: list[int]) -> None:
         """Keep each head's latest queries: IVF recall is measured on real ones when it can be."""
