@@ -249,3 +249,48 @@ def test_a_name_static_analysis_lists_outranks_one_it_does_not_by_the_prior(tok)
     assert items[0].word == last and all(c.logprob < -1e3 for c in items[1:])
     _, items = Completer(Decoder(model, tok, window=512), unbound=0.0).popup(A, PATH, text, len(text), static)
     assert items[0].word != last  # without the prior the model's order stands
+
+
+def test_tokens_fork_where_one_goes_on_to_another_argument_and_the_other_closes():
+    assert completer_module._fork(b",", b")") and completer_module._fork(b",", b"]")
+    assert completer_module._fork(b"__,", b"__)")  # after the same characters
+    assert completer_module._fork(b'",', b'")')  # closing the same string
+    assert not completer_module._fork(b")", b",")  # the chosen token must be the one going on
+    assert not completer_module._fork(b"),", b"))")  # they differ after closing a bracket already
+    assert not completer_module._fork(b",", b" static")
+    assert not completer_module._fork(b'",', b"')")
+
+
+def test_a_fork_is_the_likeliest_closing_rival_of_the_chosen_comma(completer, tok):
+    ctx = completer.decoder.prefill(tok.encode(BASE), None)
+    comma, close, other = tok.encode(","), tok.encode(")"), tok.encode("x")
+    assert len(comma) == len(close) == len(other) == 1
+    scores = torch.full((tok.vocab_size,), -20.0)
+    scores[comma[0]], scores[other[0]], scores[close[0]] = -0.5, -1.0, -2.0
+    fork = completer_module._Fork.at(ctx, scores, b",", b"a", 3, -1.5, tok.token_bytes)
+    assert [(f.closer, f.out, f.evidence, f.logp) for f in fork] == [(close[0], b"a", 3, -1.5)]
+    assert fork[0].closer_logp == float(ctx.logits[close[0]])  # the model's own, not the masked score
+    scores[close[0]] = -30.0  # not among the rivals: no fork
+    assert completer_module._Fork.at(ctx, scores, b",", b"a", 3, -1.5, tok.token_bytes) == []
+
+
+def test_ghost_text_closes_the_call_early_where_that_whole_line_is_likelier(completer, tok):
+    """Greedy decoding chose a comma after ``a``; closing the call there instead ends the line at
+    once (the text after the cursor closes it), so that line's log-probability is the closing
+    token's.  It replaces the written line only where it is likelier, and a fork that cannot win
+    is not read at all."""
+    text = "def f(a, b):\n    return a\n\n\nx = f()\n"
+    cursor = text.index(")\n")
+    scope = completer_module.stops.scope(PATH, text, cursor)
+    stopper = completer_module.stops.Stopper(scope)
+    ctx = completer.decoder.prefill(tok.encode(text[:cursor] + "a"), None)
+    close = tok.encode(")")[0]
+    fork = completer_module._Fork(ctx, b"a", 2, -1.0, close, float(ctx.logits[close]))
+    closing = fork.logp + fork.closer_logp  # the whole line: "a", then the closer ends it
+    assert completer._closed_early([fork], closing - 0.5, b"", stopper, None, None) == ("a", fork, [])
+    steps = []
+    completer.decoder.step = lambda *a: steps.append(a)
+    assert completer._closed_early([fork], closing + 0.5, b"", stopper, None, None) is None
+    assert steps == []
+    completer.closings = 0
+    assert completer._closed_early([fork], closing - 0.5, b"", stopper, None, None) is None

@@ -14,6 +14,7 @@ returned by the decoder with the scores they produced).  That is the provenance 
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 import time
@@ -149,8 +150,10 @@ def support(evidence: Sequence[Evidence | None], recall: Recall, top: int = 5) -
 
 class Completer:
     def __init__(self, decoder: Decoder, *, prefix_tokens: int = 384, max_docs: int = 8, guess_tokens: int = 3,
-                 unbound: float = UNBOUND) -> None:
+                 unbound: float = UNBOUND, closings: int = 2) -> None:
         """``guess_tokens``: tokens guessed ahead while writing ghost text (``_advance``; 0: none).
+        ``closings``: how many earlier closings of a call ghost text may weigh against the line
+        it wrote (``_closed_early``; 0: plain greedy decoding).
         ``unbound``: nats a candidate name loses where static analysis lists others but not it
         (``rank.Prior``; 0: the model alone ranks them).
         ``max_docs``: documents whose model state is kept.  A prompt's keys and values take
@@ -164,6 +167,7 @@ class Completer:
         self.max_docs = max_docs
         self.guess_tokens = guess_tokens
         self.unbound = unbound
+        self.closings = closings
         self._docs: OrderedDict[str, _Doc] = OrderedDict()  # least recently used first
         self._lock = threading.Lock()
         self._aside = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtlsp-names")  # see ``_read``
@@ -230,6 +234,9 @@ class Completer:
                 written = out[len(p.required):].decode("utf-8", "ignore")
         word: _Word | None = None  # the name the model is writing (where it began), for ``_respell``
         lead = before[-200:].encode("utf-8")[: -len(p.required) or None]  # what precedes the output
+        logp = 0.0  # the log-probability of the tokens written since the prompt or the chosen name
+        forks: list[_Fork] = []  # where the call could have been closed instead (``_closed_early``)
+        ended = False
         for n in range(1, max_tokens + 1):
             check(cancel)
             if len(ctx.ids) >= self.decoder.window:
@@ -250,19 +257,28 @@ class Completer:
                     evidence[word.evidence - 1 :] = trail
                     written = out[len(p.required):].decode("utf-8", "ignore")
                     ahead.clear()
+                    forks.clear()  # ``logp`` counted the misspelling: the forks before it cannot be weighed
                     word, named = None, True
                     continue
             word = _Word.after(word, ctx, out, piece, len(evidence)) if len(out) + len(piece) > len(p.required) else None
+            if self.closings and not scope.multiline and len(out) >= len(p.required) and b"," in piece:
+                forks += _Fork.at(ctx, scores, piece, out, len(evidence), logp, self.tok.token_bytes)
+            logp += float(ctx.logits[t])
             named = False
             out += piece
             if len(out) >= len(p.required):
                 written = out[len(p.required):].decode("utf-8", "ignore")
                 cut = stopper.cut(written)
                 if cut is not None:
-                    written = written[:cut]
+                    written, ended = written[:cut], True
                     break
             ctx = self._advance(ctx, t, ahead, memory)
             evidence.append(ctx.evidence)
+        if ended and forks:
+            closed = self._closed_early(forks, logp, p.required, stopper, memory, cancel)
+            if closed is not None:
+                written, fork, trail = closed
+                evidence[fork.evidence:] = trail
         result = stops.finish(written, scope)
         ranked_support = support(evidence, recall) if recall else []
         doc.shown = _Shown(before, after, result, ranked_support) if result else None
@@ -289,6 +305,40 @@ class Completer:
         if not best:
             return None
         return best[0].read(), out[: word.token] + head + best[0].name.encode("utf-8"), best[0].trail()
+
+    def _closed_early(self, forks: list[_Fork], logp: float, required: bytes, stopper: stops.Stopper,
+                      memory: StoreMemory | None, cancel, limit: int = 8
+                      ) -> tuple[str, _Fork, list[Evidence | None]] | None:
+        """The line ghost text would have written had it closed the call at a fork, where that
+        whole line is likelier than the one it wrote (``logp``, from the prompt or the chosen
+        name to the line's end): the line, its fork, and the memory's evidence after the fork.
+        Greedy decoding is myopic: after ``Flask(__name__`` a comma may be a little likelier
+        than ``)``, yet every way of going on (``static_folder="static")``) much less likely
+        than stopping.  Only the ``closings`` most promising forks are read, and only those that
+        could win: a line's log-probability only falls as it grows.  None: keep the line."""
+        best: tuple[float, str, _Fork, list[Evidence | None]] | None = None
+        open_ = [f for f in forks if f.logp + f.closer_logp > logp]
+        for fork in sorted(open_, key=lambda f: f.logp + f.closer_logp, reverse=True)[: self.closings]:
+            ctx, t, out, lp, trail = fork.ctx, fork.closer, fork.out, fork.logp, []
+            for _ in range(limit):
+                check(cancel)
+                lp += float(ctx.logits[t])
+                if lp <= (best[0] if best else logp):
+                    break  # already less likely than the best line so far
+                out += self.tok.token_bytes[t]
+                written = out[len(required):].decode("utf-8", "ignore")
+                cut = stopper.cut(written)
+                if cut is not None:
+                    best = (lp, written[:cut], fork, trail)
+                    break
+                if len(ctx.ids) + 1 >= self.decoder.window:
+                    break
+                ctx = self.decoder.step([ctx], [t], memory)[0]
+                trail.append(ctx.evidence)
+                t = int(ctx.logits.argmax())
+                if self.tok.is_special[t]:
+                    break
+        return best[1:] if best else None
 
     def _advance(self, ctx: Context, t: int, ahead: list[Context], memory: StoreMemory | None) -> Context:
         """``ctx`` followed by the chosen token ``t``.  Where the previous call guessed ``t``, its
@@ -470,6 +520,39 @@ class _Word:
         if i == 0 and out and candidates.word_byte(out[-1]):
             return word
         return _Word(ctx, len(out), len(out) + i, evidence)
+
+
+def _fork(chosen: bytes, other: bytes) -> bool:
+    """Whether two tokens differ in going on to another argument (``chosen``: a comma) against
+    closing the bracket (``other``), after the same characters: ``__,`` and ``__)``, ``",`` and
+    ``")``."""
+    n = len(os.path.commonprefix([chosen, other]))
+    return chosen[n : n + 1] == b"," and other[n : n + 1] in (b")", b"]", b"}") \
+        and not any(b in b"()[]{}," for b in chosen[:n])
+
+
+@dataclass(frozen=True)
+class _Fork:
+    """A place where ghost text went on to another argument while closing the call was nearly
+    as likely: the context there, the output before it, how many evidence entries the
+    completion had, the log-probability written until then, and the closing token's."""
+
+    ctx: Context
+    out: bytes
+    evidence: int
+    logp: float
+    closer: int
+    closer_logp: float
+
+    @staticmethod
+    def at(ctx: Context, scores: torch.Tensor, piece: bytes, out: bytes, evidence: int, logp: float,
+           pieces: list[bytes], rivals: int = 4) -> list[_Fork]:
+        """The fork at ``ctx``, where ``piece`` was chosen: the likeliest of the next ``rivals``
+        tokens that closes the bracket where ``piece`` goes on to another argument, if any."""
+        for t in scores.topk(rivals + 1).indices.tolist()[1:]:
+            if _fork(piece, pieces[t]):
+                return [_Fork(ctx, out, evidence, logp, t, float(ctx.logits[t]))]
+        return []
 
 
 def _word(out: bytes, p: prompt.Prompt, ended: bool) -> str | None:
