@@ -7,7 +7,9 @@ little.  This script asks only for ghost text at 0 typed characters, under:
 - ``none``: the server's candidate names, no memory (``mtlsp eval``'s *none*);
 - ``memory``: the server (``mtlsp eval``'s *memory*);
 - ``nocopy``: the memory with the kNN copy switched off (``Decoder(copy=False)``), to see
-  whether copying tokens from the memory is what changes the line.
+  whether copying tokens from the memory is what changes the line;
+- ``greedy``: the memory, with plain greedy decoding: no call closed early where that whole
+  line is likelier (``Completer(closings=0)``, ``Completer._closed_early``).
 
 Sites are sampled with their own seed, so they are not ``mtlsp eval``'s 40.  The memory is the
 evaluation store ``mtlsp eval --cache-dir DIR`` builds (built here if missing), the calling
@@ -30,7 +32,7 @@ from mtlsp.evaluation import metrics
 from mtlsp.evaluation.sites import cut, find_sites, sample
 from mtlsp.lsp.settings import Settings
 
-VARIANTS = ("none", "memory", "nocopy")
+VARIANTS = ("none", "memory", "nocopy", "greedy")
 
 
 def main() -> None:
@@ -46,7 +48,9 @@ def main() -> None:
     plain = engine.completer(server.context_tokens)
     nocopy = Completer(Decoder(engine.loaded.model, engine.loaded.tokenizer, copy=False),
                        prefix_tokens=server.context_tokens)
-    runs = {"none": (plain, ready.without), "memory": (plain, ready.recall), "nocopy": (nocopy, ready.recall)}
+    greedy = Completer(engine.decoder, prefix_tokens=server.context_tokens, closings=0)
+    runs = {"none": (plain, ready.without), "memory": (plain, ready.recall), "nocopy": (nocopy, ready.recall),
+            "greedy": (greedy, ready.recall)}
     sites = sample(find_sites({p: texts[p] for p in py}), a.sites, a.seed)
     rows: dict[str, list[dict]] = {v: [] for v in VARIANTS}
     for i, s in enumerate(sites):
