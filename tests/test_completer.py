@@ -268,10 +268,10 @@ def test_a_fork_is_the_likeliest_closing_rival_of_the_chosen_comma(completer, to
     scores = torch.full((tok.vocab_size,), -20.0)
     scores[comma[0]], scores[other[0]], scores[close[0]] = -0.5, -1.0, -2.0
     fork = completer_module._Fork.at(ctx, scores, b",", b"a", 3, -1.5, tok.token_bytes)
-    assert [(f.closer, f.out, f.evidence, f.logp) for f in fork] == [(close[0], b"a", 3, -1.5)]
-    assert fork[0].closer_logp == float(ctx.logits[close[0]])  # the model's own, not the masked score
+    assert [(f.closer, f.out, f.evidence, f.logp) for f in [fork]] == [(close[0], b"a", 3, -1.5)]
+    assert fork.closer_logp == float(ctx.logits[close[0]])  # the model's own, not the masked score
     scores[close[0]] = -30.0  # not among the rivals: no fork
-    assert completer_module._Fork.at(ctx, scores, b",", b"a", 3, -1.5, tok.token_bytes) == []
+    assert completer_module._Fork.at(ctx, scores, b",", b"a", 3, -1.5, tok.token_bytes) is None
 
 
 def test_ghost_text_closes_the_call_early_where_that_whole_line_is_likelier(completer, tok):
@@ -285,11 +285,11 @@ def test_ghost_text_closes_the_call_early_where_that_whole_line_is_likelier(comp
     stopper = completer_module.stops.Stopper(scope)
     ctx = completer.decoder.prefill(tok.encode(text[:cursor] + "a"), None)
     close = tok.encode(")")[0]
-    fork = completer_module._Fork(ctx, b"a", 2, -1.0, close, float(ctx.logits[close]))
+    fork = completer_module._Fork(ctx, b"a", 2, -1.0, close)
     closing = fork.logp + fork.closer_logp  # the whole line: "a", then the closer ends it
     assert completer._closed_early([fork], closing - 0.5, b"", stopper, None, None) == ("a", fork, [])
     steps = []
-    completer.decoder.step = lambda *a: steps.append(a)
+    completer.decoder.step = completer.decoder.extend = lambda *a: steps.append(a)
     assert completer._closed_early([fork], closing + 0.5, b"", stopper, None, None) is None
     assert steps == []
     completer.closings = 0

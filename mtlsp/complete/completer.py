@@ -262,15 +262,16 @@ class Completer:
                     continue
             word = _Word.after(word, ctx, out, piece, len(evidence)) if len(out) + len(piece) > len(p.required) else None
             if self.closings and not scope.multiline and len(out) >= len(p.required) and b"," in piece:
-                forks += _Fork.at(ctx, scores, piece, out, len(evidence), logp, self.tok.token_bytes)
+                fork = _Fork.at(ctx, scores, piece, out, len(evidence), logp, self.tok.token_bytes)
+                forks += [fork] if fork else []
             logp += float(ctx.logits[t])
             named = False
             out += piece
             if len(out) >= len(p.required):
                 written = out[len(p.required):].decode("utf-8", "ignore")
-                cut = stopper.cut(written)
-                if cut is not None:
-                    written, ended = written[:cut], True
+                line = _finished(written, stopper)
+                if line is not None:
+                    written, ended = line, True
                     break
             ctx = self._advance(ctx, t, ahead, memory)
             evidence.append(ctx.evidence)
@@ -317,23 +318,22 @@ class Completer:
         than stopping.  Only the ``closings`` most promising forks are read, and only those that
         could win: a line's log-probability only falls as it grows.  None: keep the line."""
         best: tuple[float, str, _Fork, list[Evidence | None]] | None = None
-        open_ = [f for f in forks if f.logp + f.closer_logp > logp]
-        for fork in sorted(open_, key=lambda f: f.logp + f.closer_logp, reverse=True)[: self.closings]:
-            ctx, t, out, lp, trail = fork.ctx, fork.closer, fork.out, fork.logp, []
+        promising = sorted((f for f in forks if f.bound > logp), key=lambda f: f.bound, reverse=True)
+        for fork in promising[: self.closings]:
+            ctx, t, out, lp, trail, ahead = fork.ctx, fork.closer, fork.out, fork.logp, [], []
             for _ in range(limit):
                 check(cancel)
                 lp += float(ctx.logits[t])
                 if lp <= (best[0] if best else logp):
                     break  # already less likely than the best line so far
                 out += self.tok.token_bytes[t]
-                written = out[len(required):].decode("utf-8", "ignore")
-                cut = stopper.cut(written)
-                if cut is not None:
-                    best = (lp, written[:cut], fork, trail)
+                line = _finished(out[len(required):].decode("utf-8", "ignore"), stopper)
+                if line is not None:
+                    best = (lp, line, fork, trail)
                     break
                 if len(ctx.ids) + 1 >= self.decoder.window:
                     break
-                ctx = self.decoder.step([ctx], [t], memory)[0]
+                ctx = self._advance(ctx, t, ahead, memory)  # guesses checked as in the written line
                 trail.append(ctx.evidence)
                 t = int(ctx.logits.argmax())
                 if self.tok.is_special[t]:
@@ -522,6 +522,12 @@ class _Word:
         return _Word(ctx, len(out), len(out) + i, evidence)
 
 
+def _finished(written: str, stopper: stops.Stopper) -> str | None:
+    """The completion ``written`` ends as, once a stop rule ends it; None while it goes on."""
+    cut = stopper.cut(written)
+    return None if cut is None else written[:cut]
+
+
 def _fork(chosen: bytes, other: bytes) -> bool:
     """Whether two tokens differ in going on to another argument (``chosen``: a comma) against
     closing the bracket (``other``), after the same characters: ``__,`` and ``__)``, ``",`` and
@@ -535,24 +541,33 @@ def _fork(chosen: bytes, other: bytes) -> bool:
 class _Fork:
     """A place where ghost text went on to another argument while closing the call was nearly
     as likely: the context there, the output before it, how many evidence entries the
-    completion had, the log-probability written until then, and the closing token's."""
+    completion had, the log-probability written until then, and the closing token."""
 
     ctx: Context
     out: bytes
     evidence: int
     logp: float
     closer: int
-    closer_logp: float
+
+    @property
+    def closer_logp(self) -> float:
+        return float(self.ctx.logits[self.closer])
+
+    @property
+    def bound(self) -> float:
+        """The most the closed line's log-probability can be: the tokens after the closer only
+        lower it."""
+        return self.logp + self.closer_logp
 
     @staticmethod
     def at(ctx: Context, scores: torch.Tensor, piece: bytes, out: bytes, evidence: int, logp: float,
-           pieces: list[bytes], rivals: int = 4) -> list[_Fork]:
+           pieces: list[bytes], rivals: int = 4) -> _Fork | None:
         """The fork at ``ctx``, where ``piece`` was chosen: the likeliest of the next ``rivals``
         tokens that closes the bracket where ``piece`` goes on to another argument, if any."""
         for t in scores.topk(rivals + 1).indices.tolist()[1:]:
             if _fork(piece, pieces[t]):
-                return [_Fork(ctx, out, evidence, logp, t, float(ctx.logits[t]))]
-        return []
+                return _Fork(ctx, out, evidence, logp, t)
+        return None
 
 
 def _word(out: bytes, p: prompt.Prompt, ended: bool) -> str | None:
