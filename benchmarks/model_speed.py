@@ -5,10 +5,16 @@
 - one decoding step with the memory, and without;
 - the bits-per-token cost of the serving precision against float32, on a few files.
 
+``--profile``: instead, where the time of encoding and of reading a prompt (no memory) goes,
+by torch operator (the profiler's self CPU time), to see how far each is from
+``ceiling.py``'s bound and what stands between.
+
 The memory is the repository's store, built by the indexer (IVF index once it is large), and
 the prompts are windows of the repository's own files.
 
     python benchmarks/model_speed.py --repo /work/evalrepos/flask --out /tmp/model_speed.json
+    python benchmarks/model_speed.py --repo /work/evalrepos/flask --out /tmp/profile.json \
+        --profile --encode-tokens 12000
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import random
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +36,7 @@ from mtlsp_model.evaluate import score_file
 from mtlsp_model.projects import SourceFile
 from mtlsp_model.tokenizer import Tokenizer
 from mtlsp_model.weights import load_weights
+from torch.profiler import profile
 
 from mtlsp.complete.decode import Decoder
 from mtlsp.complete.retrieval import StoreMemory
@@ -94,6 +102,35 @@ def timings(decoder: Decoder, memory, batch: list[list[int]], steps: int) -> dic
             "prompts": len(batch), "steps": len(step)}
 
 
+def time_shares(run: Callable[[], None]) -> dict:
+    """``run``'s self CPU time by torch operator: seconds and share of the whole, largest first
+    (the operators under 1% together as ``other``)."""
+    with profile() as prof:
+        run()
+    times = {e.key: e.self_cpu_time_total / 1e6 for e in prof.key_averages()}
+    total = sum(times.values())
+    shares = {k: {"s": round(v, 3), "share": round(v / total, 3)}
+              for k, v in sorted(times.items(), key=lambda kv: -kv[1]) if v >= 0.01 * total}
+    rest = total - sum(x["s"] for x in shares.values())
+    return {"total_s": round(total, 3), "ops": {**shares, "other": {"s": round(rest, 3), "share": round(rest / total, 3)}}}
+
+
+def profiles(engine: Engine, root: Path, files: list[Path], budget: int, n_prompts: int) -> dict:
+    """``time_shares`` of encoding ``budget`` tokens (after a pass that warms it up and is
+    timed) and of reading ``n_prompts`` 384-token prompts without memory."""
+    jobs = encode_jobs(engine.encoder, root, files, budget)
+    tokens = sum(len(j.ids) for j in jobs)
+    engine.encoder.encode(jobs)
+    t = time.perf_counter()
+    engine.encoder.encode(jobs)
+    rate = tokens / (time.perf_counter() - t)
+    batch = prompts(engine.loaded.tokenizer, root, files, n_prompts, 384, seed=0)
+    plain = timings(engine.decoder, None, batch, 1)
+    return {"encode": {"tokens": tokens, "tokens_per_s": rate, **time_shares(lambda: engine.encoder.encode(jobs))},
+            "prefill": {"prompts": len(batch), "ms": plain["prefill_ms"],
+                        **time_shares(lambda: [engine.decoder.prefill(ids, None) for ids in batch])}}
+
+
 def precision_cost(engine: Engine, root: Path, files: list[Path], memory) -> dict:
     """Bits per token of a few files in the serving precision and in float32 (same memory)."""
     fp32 = load_weights(None).model
@@ -122,6 +159,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--encode-tokens", type=int, default=60_000)
     ap.add_argument("--precision-files", type=int, default=4)
+    ap.add_argument("--profile", action="store_true", help="only where encoding's and a prompt's time goes")
     a = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     engine = Engine.load(None, "auto")
@@ -130,6 +168,11 @@ def main() -> None:
                                f"device {engine.device}, torch {torch.__version__}",
                     "date": time.strftime("%Y-%m-%d"),
                     "command": f"python benchmarks/model_speed.py --repo {a.repo}"}
+    if a.profile:
+        result["profile"] = profiles(engine, a.repo, files, a.encode_tokens, a.prompts)
+        a.out.write_text(json.dumps(result, indent=2))
+        print(json.dumps(result, indent=2))
+        return
     result["encode"] = encode_rate(engine, a.repo, files, a.encode_tokens)
     print(json.dumps(result["encode"]), flush=True)
     with tempfile.TemporaryDirectory() as cache:
