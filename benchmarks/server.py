@@ -98,6 +98,7 @@ async def run(a: argparse.Namespace) -> dict:
         print(f"indexed: {result['index']}", flush=True)
         rss_indexed = proc_memory(pid)
         first_inline, first_popup, key_inline, key_popup = [], [], [], []
+        samples = []  # every request, so that a percentile's outliers can be traced to their site
         for i, (path, at, name) in enumerate(sites(repo, a.sites, a.seed)):
             text = path.read_text(encoding="utf-8", errors="replace")
             line_end = text.find("\n", at)
@@ -107,7 +108,7 @@ async def run(a: argparse.Namespace) -> dict:
             client.text_document_did_open(t.DidOpenTextDocumentParams(t.TextDocumentItem(uri, "python", 1, base)))
             line = text.count("\n", 0, at)
             col = len(text[text.rfind("\n", 0, at) + 1:at].encode("utf-16-le")) // 2
-            for k in range(a.keystrokes + 1):
+            for k in range(min(a.keystrokes, len(name)) + 1):  # never past the name's end
                 typed = name[:k]
                 if k:
                     client.text_document_did_change(t.DidChangeTextDocumentParams(
@@ -123,6 +124,8 @@ async def run(a: argparse.Namespace) -> dict:
                 e = time.perf_counter()
                 (key_inline if k else first_inline).append((m - s) * 1000)
                 (key_popup if k else first_popup).append((e - m) * 1000)
+                samples.append({"site": f"{path.relative_to(repo)}:{line + 1}", "name": name, "typed": k,
+                                "inline_ms": round((m - s) * 1000, 1), "popup_ms": round((e - m) * 1000, 1)})
             client.text_document_did_close(t.DidCloseTextDocumentParams(t.TextDocumentIdentifier(uri)))
             if i % 10 == 9:
                 print(f"  {i + 1} sites", flush=True)
@@ -131,6 +134,7 @@ async def run(a: argparse.Namespace) -> dict:
         result["inline_first_at_site"] = summary(first_inline)
         result["popup_first_at_site"] = summary(first_popup)
         result["server_memory_mb"] = {"after_indexing": rss_indexed, "end": proc_memory(pid)}
+        result["samples"] = samples
     finally:
         await close(client)
     return result
@@ -152,7 +156,7 @@ def main() -> None:
         "command": "python " + " ".join(sys.argv),
         **asyncio.run(run(a)),
     }
-    print(json.dumps(result, indent=1))
+    print(json.dumps({k: v for k, v in result.items() if k != "samples"}, indent=1))
     if a.out:
         a.out.write_text(json.dumps(result, indent=1))
 

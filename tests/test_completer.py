@@ -100,6 +100,16 @@ def test_the_popup_list_answers_a_keystroke_into_a_listed_word(completer):
     assert not any(f is c for f in fresh for c in listed)
 
 
+def test_a_listed_name_typed_whole_stays_listed_without_ranking_again(completer):
+    """The word typed out in full is an item, as in jedi's lists: the popup answers from the
+    scores it kept instead of ranking the longer names again (a trie read of 230-350 ms on flask)."""
+    _, listed = completer.popup(A, PATH, BASE + "li", len(BASE) + 2, None)
+    assert listed, "the tiny model listed nothing"
+    word = listed[0].word
+    typed, still = completer.popup(A, PATH, BASE + word, len(BASE) + len(word), None)
+    assert typed == word and still[0] is listed[0]
+
+
 def test_only_the_most_recently_used_documents_keep_their_model_state(tok):
     completer = Completer(Decoder(random_model(tiny_config(tok.vocab_size), seed=0), tok, window=512), max_docs=2)
     uris = [f"file:///ws/app/m{i}.py" for i in range(3)]

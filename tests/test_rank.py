@@ -33,6 +33,10 @@ def test_pool_merges_sources_in_order_and_filters_by_the_typed_word():
     assert got.bound == {"sum_from_jedi", "subtotal"}  # what static analysis sees at the cursor
     assert not candidates.pool("app/report.py", SRC, len(SRC), "su", candidates.Sources(names=sources.names)).bound
     assert "su" not in got and "apply" not in got
+    # the popup lists a name typed out in full too (ghost text has nothing to add to it)
+    whole = SRC + "btotal"
+    assert "subtotal" not in candidates.pool("app/report.py", whole, len(whole), "subtotal", sources)
+    assert candidates.pool("app/report.py", whole, len(whole), "subtotal", sources, exact=True) == ["subtotal"]
     assert "sum" not in got  # after "pricing." builtins are no attributes
     text = "from x import y\nz = FieldInfo.fr"
     assert candidates.pool("a.py", text, len(text), "fr", None) == []  # nor keywords, whatever the file holds

@@ -208,8 +208,10 @@ class Names(list):
     bound: frozenset[str] = frozenset()
 
 
-def pool(path: str, text: str, cursor: int, typed: str, sources: Sources | None, limit: int = 4000) -> Names:
-    """Existing names that complete ``typed`` (longer than it), best-informed sources first.
+def pool(path: str, text: str, cursor: int, typed: str, sources: Sources | None, limit: int = 4000,
+         exact: bool = False) -> Names:
+    """Existing names that complete ``typed`` (longer than it; ``typed`` itself too where it is
+    a name that exists and ``exact``), best-informed sources first.
     After ``x.`` the language's builtins and keywords are left out: they are not attributes (a
     Python keyword never is: ``x.from`` does not parse, though the file's own words hold it);
     after ``module.`` (a workspace module) only static analysis and the module's own names count."""
@@ -222,7 +224,7 @@ def pool(path: str, text: str, cursor: int, typed: str, sources: Sources | None,
         for n in names:
             if len(out) >= limit:
                 return
-            if n.startswith(typed) and n != typed and n not in out and IDENTIFIER.fullmatch(n) and not (
+            if n.startswith(typed) and (exact or n != typed) and n not in out and IDENTIFIER.fullmatch(n) and not (
                     attribute and python and keyword.iskeyword(n)):
                 out[n] = None
 
