@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import functools
 import logging
 import os
 import threading
@@ -407,13 +406,20 @@ class IvfIndex:
         return recall
 
 
-@functools.cache
+_pools: dict[int, tuple[ThreadPoolExecutor | None, int]] = {}  # by process id: a forked child's threads are gone
+_pools_lock = threading.Lock()
+
+
 def _helpers() -> tuple[ThreadPoolExecutor | None, int]:
     """Threads that scan part of a large IVF search's queries, and how many: one fewer than the
-    cores (at most 8), since the searching thread scans a part itself."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    n = min(cores, 8) - 1
-    return (ThreadPoolExecutor(n, thread_name_prefix="mtlsp-ivf") if n > 0 else None), n
+    cores (at most 8), since the searching thread scans a part itself.  Made once per process."""
+    with _pools_lock:
+        got = _pools.get(os.getpid())
+        if got is None:
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            n = min(cores, 8) - 1
+            got = _pools[os.getpid()] = (ThreadPoolExecutor(n, thread_name_prefix="mtlsp-ivf") if n > 0 else None), n
+        return got
 
 
 def _split(nq: int, scan: Callable[[int, int], None]) -> None:
