@@ -102,7 +102,7 @@ def test_the_popup_list_answers_a_keystroke_into_a_listed_word(completer):
 
 def test_a_listed_name_typed_whole_stays_listed_without_ranking_again(completer):
     """The word typed out in full is an item, as in jedi's lists: the popup answers from the
-    scores it kept instead of ranking the longer names again (a trie read of 230-350 ms on flask)."""
+    scores it kept instead of ranking the longer names again (a trie read of 270-370 ms on flask)."""
     _, listed = completer.popup(A, PATH, BASE + "li", len(BASE) + 2, None)
     assert listed, "the tiny model listed nothing"
     word = listed[0].word

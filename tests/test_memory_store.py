@@ -487,31 +487,6 @@ def test_ivf_lists_keep_one_byte_per_dimension_and_their_hits_are_scored_exactly
     np.testing.assert_allclose(scores, exact_scores, rtol=1e-5, atol=1e-5)
     codes_only = ivf.index.search(q, 16, params=faiss.SearchParametersIVF(nprobe=ivf.nlist))[1]
     assert knn.recall_at_k(codes_only, exact_ids) < 1.0
-    # 200 queries are scanned on several threads where there are cores: the same hits as one by one
-    part_scores, part_ids = ivf.search(q, 16)
-    alone = [ivf.search(q[i : i + 1], 16) for i in range(len(q))]
-    np.testing.assert_array_equal(part_ids, np.concatenate([a[1] for a in alone]))
-    np.testing.assert_array_equal(part_scores, np.concatenate([a[0] for a in alone]))
-
-
-def test_a_split_search_scans_every_query_once(monkeypatch):
-    """However many helper threads there are, the ranges tile the queries exactly."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    pool = ThreadPoolExecutor(3)
-    for helpers, nq in ((3, 200), (3, 40), (1, 33), (3, 31), (0, 500)):
-        monkeypatch.setattr(knn, "_helpers", lambda h=helpers: (pool if h else None, h))
-        seen = np.zeros(nq, np.int64)
-        ranges = []
-
-        def scan(a, b, seen=seen, ranges=ranges):
-            seen[a:b] += 1
-            ranges.append((a, b))
-
-        knn._split(nq, scan)
-        assert (seen == 1).all()
-        assert len(ranges) == max(1, min(helpers + 1, nq // knn._SPLIT_QUERIES))
-    pool.shutdown()
 
 
 def ivf_ids(ivf: knn.IvfIndex) -> list[int]:

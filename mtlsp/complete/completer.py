@@ -97,7 +97,7 @@ class _Listed:
 
     The word typed out in full is listed too, as jedi lists it: leaving it out left no scored
     name that matched, and ranking the longer names again at that keystroke (a trie read of
-    230-370 ms on flask) was the popup's slowest keystroke, for names the model finds far less
+    270-370 ms on flask) was the popup's slowest keystroke, for names the model finds far less
     likely than the word itself (``get_cookie`` at -7.5 nats beside ``get`` at -0.5).
 
     A changed memory alone does not rank them again: the user's own buffer is written into the

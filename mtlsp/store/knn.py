@@ -29,11 +29,9 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
 import faiss
@@ -52,7 +50,6 @@ _QUERY_GROUP = 8  # queries scored together by an exact scan
 _PROBE_QUERIES = 256  # queries per head the IVF recall is measured on
 _RERANK = 2  # an IVF search rescores this many times k candidates exactly (``IvfIndex``)
 _RANGE_MARGIN = 0.05  # an IVF head's 8-bit range spans its keys' and this share more on each side
-_SPLIT_QUERIES = 16  # an IVF search of at least twice this many queries is split over threads
 
 
 class Settings(Protocol):
@@ -379,13 +376,9 @@ class IvfIndex:
         params = faiss.SearchParametersIVF(nprobe=nprobe)
         if sel is not None:
             params.sel = sel
-
-        def scan(a: int, b: int) -> None:  # queries a..b-1 into their rows of D and I
-            self.index.search_preassigned_c(
-                b - a, faiss.swig_ptr(q[a:b]), wide, faiss.swig_ptr(lists[a:b]), faiss.swig_ptr(cell_scores[a:b]),
-                faiss.swig_ptr(D[a:b]), faiss.swig_ptr(I[a:b]), False, params)
-
-        _split(len(q), scan)
+        self.index.search_preassigned_c(
+            len(q), faiss.swig_ptr(q), wide, faiss.swig_ptr(lists), faiss.swig_ptr(cell_scores),
+            faiss.swig_ptr(D), faiss.swig_ptr(I), False, params)
         found = I >= 0
         # ``tune`` runs outside the store's lock: a slot reused meanwhile is scored by its new key
         exact = np.einsum("qcd,qd->qc", self.table.floats(np.where(found, I, 0), self.head), q)
@@ -404,45 +397,6 @@ class IvfIndex:
             nprobe *= 2
         self.nprobe, self.recall = min(nprobe, self.nlist), recall
         return recall
-
-
-_pools: dict[int, tuple[ThreadPoolExecutor | None, int]] = {}  # by process id: a forked child's threads are gone
-_pools_lock = threading.Lock()
-
-
-def _helpers() -> tuple[ThreadPoolExecutor | None, int]:
-    """Threads that scan part of a large IVF search's queries, and how many: one fewer than the
-    cores (at most 8), since the searching thread scans a part itself.  Made once per process."""
-    with _pools_lock:
-        got = _pools.get(os.getpid())
-        if got is None:
-            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-            n = min(cores, 8) - 1
-            got = _pools[os.getpid()] = (ThreadPoolExecutor(n, thread_name_prefix="mtlsp-ivf") if n > 0 else None), n
-        return got
-
-
-def _split(nq: int, scan: Callable[[int, int], None]) -> None:
-    """``scan(a, b)`` over the ranges of ``nq`` queries, split over threads where they are many.
-
-    Why: the model waits while its memory is searched, so the other cores are idle, and a trie
-    of names read at once (``rank.py``) asks 100-200 queries a head: 30-37 ms a search on one
-    thread, the popup's re-ranking after a typed letter spending 116-148 ms of its 270-350 ms in
-    them (flask, 200k entries).  faiss releases the interpreter lock, so Python threads scan in
-    parallel (two halves of 128 queries: 12 against 21 ms).  Its own OpenMP split (parallel
-    mode 3) gained less (16-21 against 20-24 ms): its threads wait on the model's.  A few
-    queries (one decoding step's) stay on this thread: waking another costs more than it saves.
-    """
-    pool, helpers = _helpers()
-    parts = min(helpers + 1, nq // _SPLIT_QUERIES)
-    if pool is None or parts < 2:
-        scan(0, nq)
-        return
-    cuts = [nq * i // parts for i in range(parts + 1)]
-    pending = [pool.submit(scan, a, b) for a, b in zip(cuts[1:-1], cuts[2:], strict=True)]
-    scan(cuts[0], cuts[1])
-    for f in pending:
-        f.result()
 
 
 class TorchMirror:
