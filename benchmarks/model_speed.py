@@ -63,8 +63,7 @@ def encode_jobs(encoder: Encoder, root: Path, files: list[Path], budget: int) ->
     return jobs
 
 
-def encode_rate(engine: Engine, root: Path, files: list[Path], budget: int) -> dict:
-    jobs = encode_jobs(engine.encoder, root, files, budget)
+def encode_rate(engine: Engine, jobs: list[Job]) -> dict:
     engine.encoder.encode(jobs[:4])  # warm-up
     t = time.perf_counter()
     engine.encoder.encode(jobs)
@@ -76,10 +75,13 @@ def encode_rate(engine: Engine, root: Path, files: list[Path], budget: int) -> d
 def prompts(tok: Tokenizer, root: Path, files: list[Path], n: int, length: int, seed: int) -> list[list[int]]:
     """``n`` windows of ``length`` tokens from random places of ``files``, after their header."""
     rng = random.Random(seed)
+    tokens = {f: tok.encode(f.read_text()) for f in files}
+    if not any(len(ids) > length for ids in tokens.values()):
+        raise SystemExit(f"no file holds more than {length} tokens: nothing to take prompts from")
     out = []
     while len(out) < n:
         f = rng.choice(files)
-        ids = tok.encode(f.read_text())
+        ids = tokens[f]
         if len(ids) <= length:
             continue
         start = rng.randrange(0, len(ids) - length)
@@ -116,17 +118,14 @@ def time_shares(run: Callable[[], None]) -> dict:
 
 
 def profiles(engine: Engine, root: Path, files: list[Path], budget: int, n_prompts: int) -> dict:
-    """``time_shares`` of encoding ``budget`` tokens (after a pass that warms it up and is
-    timed) and of reading ``n_prompts`` 384-token prompts without memory."""
+    """``time_shares`` of encoding ``budget`` tokens (after ``encode_rate``'s timed pass) and
+    of reading ``n_prompts`` 384-token prompts without memory."""
     jobs = encode_jobs(engine.encoder, root, files, budget)
-    tokens = sum(len(j.ids) for j in jobs)
-    engine.encoder.encode(jobs)
-    t = time.perf_counter()
-    engine.encoder.encode(jobs)
-    rate = tokens / (time.perf_counter() - t)
+    rate = encode_rate(engine, jobs)
     batch = prompts(engine.loaded.tokenizer, root, files, n_prompts, 384, seed=0)
     plain = timings(engine.decoder, None, batch, 1)
-    return {"encode": {"tokens": tokens, "tokens_per_s": rate, **time_shares(lambda: engine.encoder.encode(jobs))},
+    return {"encode": {"tokens": rate["tokens"], "tokens_per_s": rate["tokens_per_s"],
+                       **time_shares(lambda: engine.encoder.encode(jobs))},
             "prefill": {"prompts": len(batch), "ms": plain["prefill_ms"],
                         **time_shares(lambda: [engine.decoder.prefill(ids, None) for ids in batch])}}
 
@@ -173,7 +172,7 @@ def main() -> None:
         a.out.write_text(json.dumps(result, indent=2))
         print(json.dumps(result, indent=2))
         return
-    result["encode"] = encode_rate(engine, a.repo, files, a.encode_tokens)
+    result["encode"] = encode_rate(engine, encode_jobs(engine.encoder, a.repo, files, a.encode_tokens))
     print(json.dumps(result["encode"]), flush=True)
     with tempfile.TemporaryDirectory() as cache:
         store, indexer = engine.open_memory(a.repo, cap_tokens=10**7, cache_root=cache, ann_background=False)

@@ -122,10 +122,11 @@ async def run(a: argparse.Namespace) -> dict:
                 m = time.perf_counter()
                 await client.text_document_completion_async(t.CompletionParams(t.TextDocumentIdentifier(uri), pos))
                 e = time.perf_counter()
-                (key_inline if k else first_inline).append((m - s) * 1000)
-                (key_popup if k else first_popup).append((e - m) * 1000)
+                inline_ms, popup_ms = (m - s) * 1000, (e - m) * 1000
+                (key_inline if k else first_inline).append(inline_ms)
+                (key_popup if k else first_popup).append(popup_ms)
                 samples.append({"site": f"{path.relative_to(repo)}:{line + 1}", "name": name, "typed": k,
-                                "inline_ms": round((m - s) * 1000, 1), "popup_ms": round((e - m) * 1000, 1)})
+                                "inline_ms": round(inline_ms, 1), "popup_ms": round(popup_ms, 1)})
             client.text_document_did_close(t.DidCloseTextDocumentParams(t.TextDocumentIdentifier(uri)))
             if i % 10 == 9:
                 print(f"  {i + 1} sites", flush=True)
