@@ -84,12 +84,14 @@ def cmd_train(a: argparse.Namespace) -> None:
         torch.set_num_threads(a.threads)
     loaded = _load(a)
     model = loaded.model
-    if a.heads:
-        heads = tuple(tuple(int(x) for x in h.lstrip("L").split("H")) for h in a.heads.split(","))
-        model = _with_heads(loaded, heads, keep_trained=a.warm_start)
+    if a.heads or a.adapter_rank is not None:
+        heads = tuple(tuple(int(x) for x in h.lstrip("L").split("H")) for h in a.heads.split(",")) if a.heads \
+            else loaded.config.memory_heads
+        rank = loaded.config.adapter_rank if a.adapter_rank is None else a.adapter_rank
+        model = _with_memory(loaded, heads, rank, keep_trained=a.warm_start)
     cfg = TrainConfig(examples=a.examples, steps=a.steps, window=a.window, accumulate=a.accumulate, lr=a.lr,
                       project_min_tokens=a.project_min_tokens, max_projects=a.max_projects, ckpt_every=a.ckpt_every,
-                      kl_weight=a.kl_weight)
+                      kl_weight=a.kl_weight, cross_weight=a.cross_weight)
     out = Path(a.out)
     exclude = ([] if a.no_default_exclude else list(DEFAULT_EXCLUDE)) + a.exclude
     t0 = time.time()
@@ -113,8 +115,8 @@ def cmd_train(a: argparse.Namespace) -> None:
         recipe += f" + {cfg.kl_weight} x KL to the model with related chunks in its prompt (distillation)"
     info = {"training": {"recipe": recipe, "config": cfg.__dict__, "history": history,
                          "hardware": a.hardware}}
-    if a.heads and a.warm_start:
-        # the heads kept from the loaded weights carry that run's training: record it
+    if (a.heads or a.adapter_rank is not None) and a.warm_start:
+        # the parameters kept from the loaded weights carry that run's training: record it
         info["training"]["warm_start"] = {"heads": [list(h) for h in loaded.config.memory_heads],
                                           "training": loaded.info.get("training")}
     save_weights(model, out / "weights", base=_base_record(loaded), info=info)
@@ -135,30 +137,33 @@ def _base_record(loaded) -> dict:
     return record
 
 
-def _with_heads(loaded, heads, keep_trained: bool = False):
-    """The same base with other memory heads.
+def _with_memory(loaded, heads, rank: int, keep_trained: bool = False):
+    """The same base with other memory heads or another adapter rank.
 
-    Their memory parameters are fresh, or with ``keep_trained`` those of the loaded weights for
-    the heads both share (and the copy gate): adding heads to a trained set then costs a short
-    run instead of a whole one.
+    The memory parameters are fresh, or with ``keep_trained`` those of the loaded weights for the
+    heads both share (and the copy gate); a larger rank keeps the trained adapter in its first
+    components, and the new ones start as no change (their ``up`` rows are zero). Adding heads or
+    rank to a trained set then costs a short run instead of a whole one.
     """
     import torch
 
     from .model import MemorizingTransformer
 
-    cfg = loaded.config.with_memory(memory_heads=heads)
+    cfg = loaded.config.with_memory(memory_heads=heads, adapter_rank=rank)
     model = MemorizingTransformer(cfg)
     state = {k: v for k, v in loaded.model.state_dict().items() if not k.startswith("memory.")}
     model.load_state_dict(state, strict=False)
     if keep_trained:
         old = {h: i for i, h in enumerate(loaded.config.memory_heads)}
         new_p, old_p = model.memory, loaded.model.memory
+        r = min(rank, loaded.config.adapter_rank)
         with torch.no_grad():
             for i, h in enumerate(cfg.memory_heads):
                 if h in old:
-                    for name in ("bias", "down", "up"):
-                        if getattr(new_p, name) is not None and getattr(old_p, name) is not None:
-                            getattr(new_p, name)[i] = getattr(old_p, name)[old[h]]
+                    new_p.bias[i] = old_p.bias[old[h]]
+                    if r:
+                        new_p.down[i, :, :r] = old_p.down[old[h], :, :r]
+                        new_p.up[i, :r] = old_p.up[old[h], :r]
             new_p.copy_gate.copy_(old_p.copy_gate)
     return model.to(loaded.model.embed.weight.device).eval()
 
@@ -169,11 +174,14 @@ def cmd_eval(a: argparse.Namespace) -> None:
     import torch
 
     from .corpus import load_document, load_manifest, refuse_trained_on
-    from .evaluate import evaluate_files, summarize
+    from .evaluate import CONDITIONS, evaluate_files, summarize
     from .memory import TensorMemory
     from .projects import encode_memory, tokenize_files
     from .runtime import for_inference, int8_encoding
 
+    conditions = a.conditions.split(",") if a.conditions else CONDITIONS
+    if unknown := set(conditions) - set(CONDITIONS):
+        raise SystemExit(f"unknown condition {', '.join(sorted(unknown))}; choose from {', '.join(CONDITIONS)}")
     if a.threads:
         torch.set_num_threads(a.threads)
     loaded = _load(a)
@@ -204,7 +212,7 @@ def cmd_eval(a: argparse.Namespace) -> None:
         return memory
 
     control = None
-    if a.control:
+    if a.control and "control" in conditions:
         doc = load_document("control", Path(a.control), Path(a.control), 0)
         control = memory_of(Path(a.control).name, tokenize_files(tok, sorted((f.path, f.text) for f in doc.files)))
     for repo in repos:
@@ -216,7 +224,7 @@ def cmd_eval(a: argparse.Namespace) -> None:
         picked = list(range(len(files)))
         if a.files and a.files < len(files):
             picked = sorted(random.Random(a.seed).sample(picked, a.files))
-        scores = evaluate_files(model, tok, files, memory, control=control, score=picked)
+        scores = evaluate_files(model, tok, files, memory, control=control, score=picked, conditions=conditions)
         summary = summarize(scores)
         summary.update(repository=repo.name, memory_tokens=len(memory), encode_seconds=round(encoded, 1),
                        int8_encoding=int8,
@@ -265,8 +273,9 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--no-default-exclude", action="store_true",
                    help=f"do not exclude the evaluation repositories {DEFAULT_EXCLUDE}")
     t.add_argument("--heads", help="memory heads, e.g. L17H3,L18H6 (default: those of the weights)")
+    t.add_argument("--adapter-rank", type=int, help="rank of the memory query adapters (default: the weights')")
     t.add_argument("--warm-start", action="store_true",
-                   help="with --heads: start the heads the weights already have from their trained parameters")
+                   help="with --heads or --adapter-rank: start from the trained parameters the weights have")
     t.add_argument("--examples", type=int, default=2000)
     t.add_argument("--steps", type=int, default=2000)
     t.add_argument("--window", type=int, default=256)
@@ -274,6 +283,8 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--lr", type=float, default=2e-3)
     t.add_argument("--kl-weight", type=float, default=0.0,
                    help="weight of KL to a teacher reading related chunks in its prompt (0: no teacher)")
+    t.add_argument("--cross-weight", type=float, default=1.0,
+                   help="weight of cross-file identifier tokens in the next-token loss (1: plain mean)")
     t.add_argument("--project-min-tokens", type=int, default=TrainConfig.project_min_tokens)
     t.add_argument("--max-projects", type=int, default=TrainConfig.max_projects)
     t.add_argument("--ckpt-every", type=int, default=TrainConfig.ckpt_every)
@@ -287,6 +298,8 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--control", help="an unrelated repository: its memory is the control condition")
     e.add_argument("--files", type=int, default=0, help="score a seeded sample of this many files (0: all)")
     e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--conditions", help="comma-separated subset of none,memory,control,stuffed (default: all);"
+                                        " none and memory compare two weights quickly")
     e.add_argument("--manifest", help="training corpus manifest (default: next to the weights)")
     e.add_argument("--json", help="also write the results here")
     e.add_argument("--cache", help="keep each repository's encoded memory here, for later runs")

@@ -60,6 +60,7 @@ class TrainConfig:
     lr: float = 2e-3  # adapters; the per-head biases and the copy gate move 10x faster
     kl_weight: float = 0.0  # 0: no teacher (see the module docstring for why that is the default)
     lm_weight: float = 1.0
+    cross_weight: float = 1.0  # next-token loss weight of cross-file identifier tokens (the memory's job)
     ckpt_every: int = 100
     seed: int = 0
     held_out: float = 0.05  # share of projects kept out of training, to watch the loss
@@ -112,6 +113,7 @@ class Example:
     ids: list[int]  # header + window
     first: int  # where the window's tokens start
     cross: int  # cross-file identifier tokens in it
+    cross_at: list[int]  # their positions in the window
 
 
 def choose_examples(tok: Tokenizer, projects: list[list[SourceFile]], cfg: TrainConfig, rng: random.Random,
@@ -125,9 +127,9 @@ def choose_examples(tok: Tokenizer, projects: list[list[SourceFile]], cfg: Train
             cross = cross_file_mask(tok, f, foreign)
             for a in range(f.first, max(f.first + 1, len(f.ids) - cfg.window // 2), cfg.window):
                 b = min(len(f.ids), a + cfg.window)
-                n = int(cross[a:b].sum())
-                if n >= cfg.min_cross and b - a >= 32:
-                    candidates.append(Example(pi, fi, f.ids[: f.first] + f.ids[a:b], f.first, n))
+                at = [int(j) for j in cross[a:b].nonzero()[0]]
+                if len(at) >= cfg.min_cross and b - a >= 32:
+                    candidates.append(Example(pi, fi, f.ids[: f.first] + f.ids[a:b], f.first, len(at), at))
     rng.shuffle(candidates)
     return candidates[: cfg.examples]
 
@@ -169,7 +171,7 @@ def prepare(model: MemorizingTransformer, tok: Tokenizer, docs: list[Document], 
             targets.append((top.values.to(torch.float16), top.indices.to(torch.int32)))
         hidden.append(model.hidden_at(torch.tensor([e.ids]), first)[0].to(torch.bfloat16))
         rows.append({"project": e.project, "file": e.file, "ids": e.ids, "first": e.first, "cross": e.cross,
-                     "teacher_prefix": len(prefix)})
+                     "cross_at": e.cross_at, "teacher_prefix": len(prefix)})
         if n % 100 == 0:
             log(f"example {n + 1}/{len(examples)} ({time.time() - t0:.0f} s)")
     torch.save({"hidden": hidden, "targets": targets}, out / "examples.pt")
@@ -184,17 +186,20 @@ def prepare(model: MemorizingTransformer, tok: Tokenizer, docs: list[Document], 
 
 
 def distill_loss(logp: torch.Tensor, targets: tuple[torch.Tensor, torch.Tensor] | None, ids: torch.Tensor,
-                 kl_weight: float, lm_weight: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 kl_weight: float, lm_weight: float, weights: torch.Tensor | None = None,
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``kl_weight`` × KL(teacher ‖ student) over the teacher's top tokens (renormalised) +
     ``lm_weight`` × NLL.  ``logp`` (T, V) student log-probabilities predicting ``ids`` (T,);
-    returns (loss, kl, nll)."""
-    nll = -logp.gather(-1, ids[:, None]).mean()
+    ``weights`` (T,) weigh the NLL's tokens (a weighted mean); returns (loss, kl, plain mean NLL)."""
+    token_nll = -logp.gather(-1, ids[:, None])[:, 0]
+    nll = token_nll.mean()
+    fit = nll if weights is None else (token_nll * weights).sum() / weights.sum()
     kl = torch.zeros(())
     if targets is not None and kl_weight:
         values, indices = targets
         t = torch.log_softmax(values.float(), dim=-1)
         kl = (t.exp() * (t - logp.gather(-1, indices.long()))).sum(-1).mean()
-    return kl_weight * kl + lm_weight * nll, kl, nll
+    return kl_weight * kl + lm_weight * fit, kl, nll
 
 
 class Trainer:
@@ -234,7 +239,15 @@ class Trainer:
             self.step, self.history = state["step"], state["history"]
             log(f"resumed at step {self.step}")
 
-    def example_loss(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def cross_mask(self, i: int) -> torch.Tensor:
+        """Which of example ``i``'s targets are cross-file identifier tokens (what evaluation singles out)."""
+        row = self.rows[i]
+        mask = torch.zeros(len(row["ids"]) - row["first"], dtype=torch.bool)
+        mask[row.get("cross_at", [])] = True
+        return mask
+
+    def predictions(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Example ``i``'s log-probabilities (T, V) over its window's tokens, and those tokens (T,)."""
         row = self.rows[i]
         memory = self.memories[row["project"]]
         memory.hide([row["file"]])
@@ -245,17 +258,31 @@ class Trainer:
             out = self.model(ids.to(device), memory=memory, hidden=hidden, from_layer=self.first)
         memory.hide([])
         f = row["first"]
-        logp = out.logits[0, f - 1 : -1]
+        return out.logits[0, f - 1 : -1], ids[0, f:].to(device)
+
+    def example_loss(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logp, ids = self.predictions(i)
         targets = self.targets[i] if self.targets else None
-        return distill_loss(logp, targets, ids[0, f:].to(device), self.cfg.kl_weight, self.cfg.lm_weight)
+        weights = None
+        if self.cfg.cross_weight != 1.0:
+            weights = 1.0 + (self.cfg.cross_weight - 1.0) * self.cross_mask(i).float().to(ids.device)
+        return distill_loss(logp, targets, ids, self.cfg.kl_weight, self.cfg.lm_weight, weights)
 
     @torch.no_grad()
     def held_out_loss(self) -> dict:
-        kl = nll = 0.0
+        """Mean NLL per window on the held-out projects, and per cross-file identifier token."""
+        kl = nll = cross = 0.0
+        n_cross = 0
         for i in self.held:
-            _, k, n = self.example_loss(i)
+            logp, ids = self.predictions(i)
+            targets = self.targets[i] if self.targets else None
+            _, k, n = distill_loss(logp, targets, ids, self.cfg.kl_weight, self.cfg.lm_weight)
             kl, nll = kl + float(k), nll + float(n)
-        return {"kl": kl / len(self.held), "nll": nll / len(self.held)}
+            mask = self.cross_mask(i).to(ids.device)
+            cross -= float(logp.gather(-1, ids[:, None])[:, 0][mask].sum())
+            n_cross += int(mask.sum())
+        out = {"kl": kl / len(self.held), "nll": nll / len(self.held)}
+        return out | ({"nll_cross": cross / n_cross} if n_cross else {})
 
     def save(self) -> None:
         tmp = self.ckpt.with_suffix(".tmp")

@@ -3,6 +3,7 @@ steps -> checkpoint -> resume -> weights; and the command line's refusals."""
 
 import json
 import random
+import re
 import subprocess
 import sys
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from mtlsp_model.cli import main as cli
-from mtlsp_model.train import TrainConfig, projects_of
+from mtlsp_model.train import TrainConfig, distill_loss, projects_of
 from mtlsp_model.corpus import build_documents
 from mtlsp_model.weights import load_weights, save_weights
 
@@ -85,6 +86,42 @@ def test_train_then_resume_then_load(tiny_weights, site, tmp_path):
     assert json.loads((run / "weights" / "corpus_manifest.json").read_text()) == manifest
 
 
+def test_cross_file_identifier_tokens_are_marked_and_can_weigh_more(tiny_weights, site, tmp_path, tok):
+    """``--cross-weight``: the examples record where names defined in their project's other
+    files occur, the held-out loss is reported on those tokens, and the loss weighs them."""
+    run = tmp_path / "run"
+    cli(["train", "--weights", str(tiny_weights), "--out", str(run), "--root", str(site), "--examples", "24",
+         "--steps", "2", "--window", "64", "--accumulate", "2", "--lr", "0.01", "--project-min-tokens", "100",
+         "--ckpt-every", "2", "--cross-weight", "4"])
+    rows = json.loads((run / "examples.json").read_text())["examples"]
+    assert all(r["cross"] == len(r["cross_at"]) for r in rows) and sum(r["cross"] for r in rows)
+    # each run of marked tokens spells one function defined in another module (three of WORDS),
+    # unless the window cuts it
+    name = re.compile("(?:{0})(?:_(?:{0})){{2}}".format("|".join(WORDS)))
+    for r in rows:
+        window, spans = r["ids"][r["first"] :], []
+        for j in r["cross_at"]:
+            if spans and spans[-1][1] == j - 1:
+                spans[-1][1] = j
+            else:
+                spans.append([j, j])
+        for a, b in spans:
+            if a > 0 and b < len(window) - 1:
+                text = tok.decode(window[a : b + 1])
+                assert name.fullmatch(text.strip(" .(")), text
+    training = json.loads((run / "weights" / "config.json").read_text())["training"]
+    assert training["config"]["cross_weight"] == 4
+    assert all(h["nll_cross"] > 0 for h in training["history"])
+
+    logp = torch.log_softmax(torch.tensor([[2.0, 0.0], [0.0, 2.0], [1.0, 1.0]]), -1)
+    ids = torch.tensor([0, 0, 1])
+    token_nll = -logp[torch.arange(3), ids]
+    _, _, plain = distill_loss(logp, None, ids, 0.0, 1.0)
+    weighted, _, reported = distill_loss(logp, None, ids, 0.0, 1.0, torch.tensor([1.0, 4.0, 1.0]))
+    assert torch.allclose(plain, token_nll.mean()) and torch.allclose(reported, plain)  # the plain mean is reported
+    assert torch.allclose(weighted, (token_nll * torch.tensor([1.0, 4.0, 1.0])).sum() / 6)
+
+
 def test_eval_refuses_a_trained_on_repository(tiny_weights, site, tmp_path):
     run = tmp_path / "run"
     run_train(tiny_weights, site, run, 2)
@@ -107,6 +144,14 @@ def test_eval_reports_memory_against_none_and_control(tiny_weights, site, tmp_pa
     assert set(r["all"]["bits_per_token"]) == {"none", "memory", "control", "stuffed"}
     assert all(v > 0 for v in r["cross"]["bits_per_token"].values())
 
+    # two weights compare on a subset of the conditions, with the same figures
+    cli(["eval", "--weights", str(tiny_weights), "--manifest", str(manifest), "--repo", str(site / "alphapkg"),
+         "--control", str(site / "betapkg"), "--conditions", "none,memory", "--json", str(out)])
+    quick = json.loads(out.read_text())["repositories"][0]
+    assert quick["all"]["bits_per_token"] == {c: r["all"]["bits_per_token"][c] for c in ("none", "memory")}
+    with pytest.raises(SystemExit, match="unknown condition memroy"):
+        cli(["eval", "--weights", str(tiny_weights), "--repo", str(site / "alphapkg"), "--conditions", "memroy"])
+
 
 def test_cli_reports_bad_weights_without_a_traceback(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
@@ -114,6 +159,17 @@ def test_cli_reports_bad_weights_without_a_traceback(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     assert "config.json is not valid JSON" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def warm_start(trained, tiny_base, site, tmp_path, *change: str):
+    """Save ``trained`` as weights, then a one-step run at learning rate 0 that changes them by
+    ``change`` with ``--warm-start``: what the run starts from, untouched by training."""
+    weights = save_weights(trained, tmp_path / "trained", base={"fingerprint": tiny_base.name, "path": str(tiny_base)})
+    run = tmp_path / "run"
+    cli(["train", "--weights", str(weights), "--out", str(run), "--root", str(site), "--examples", "8",
+         "--steps", "1", "--window", "64", "--accumulate", "1", "--lr", "0", "--project-min-tokens", "100",
+         *change, "--warm-start"])
+    return weights, run
 
 
 def test_warm_start_adds_heads_and_keeps_the_trained_ones(tiny_base, tiny_weights, site, tmp_path):
@@ -124,11 +180,7 @@ def test_warm_start_adds_heads_and_keeps_the_trained_ones(tiny_base, tiny_weight
         trained.memory.bias.copy_(torch.tensor([0.5, 1.5, 2.5]))
         trained.memory.up.normal_()
         trained.memory.copy_gate.fill_(0.25)
-    weights = save_weights(trained, tmp_path / "trained", base={"fingerprint": tiny_base.name, "path": str(tiny_base)})
-    run = tmp_path / "run"
-    cli(["train", "--weights", str(weights), "--out", str(run), "--root", str(site), "--examples", "8",
-         "--steps", "1", "--window", "64", "--accumulate", "1", "--lr", "0", "--project-min-tokens", "100",
-         "--heads", "L1H0,L1H1,L2H2,L2H3", "--warm-start"])
+    weights, run = warm_start(trained, tiny_base, site, tmp_path, "--heads", "L1H0,L1H1,L2H2,L2H3")
     before, after = load_weights(weights), load_weights(run / "weights")
     assert after.config.memory_heads == ((1, 0), (1, 1), (2, 2), (2, 3))
     assert after.config.memory_kv_heads == before.config.memory_kv_heads  # no new storage
@@ -140,3 +192,30 @@ def test_warm_start_adds_heads_and_keeps_the_trained_ones(tiny_base, tiny_weight
     assert new.copy_gate == old.copy_gate
     info = json.loads((run / "weights" / "config.json").read_text())["training"]
     assert info["warm_start"]["heads"] == [[1, 0], [1, 1], [2, 3]]
+
+
+def test_warm_start_with_a_larger_adapter_rank_computes_the_same_until_trained(tiny_base, tiny_weights, site,
+                                                                                tmp_path, tok):
+    """``--adapter-rank R --warm-start``: the trained adapter fills the first components and the
+    new ones start as no change, so the model reads its memory exactly as before training."""
+    trained = load_weights(tiny_weights).model
+    with torch.no_grad():
+        trained.memory.up.normal_()  # an adapter that changes the queries
+    weights, run = warm_start(trained, tiny_base, site, tmp_path, "--adapter-rank", "5")
+    before, after = load_weights(weights), load_weights(run / "weights")
+    assert (before.config.adapter_rank, after.config.adapter_rank) == (2, 5)
+    assert after.config.memory_heads == before.config.memory_heads
+    assert torch.equal(after.model.memory.down[:, :, :2], before.model.memory.down)
+    assert torch.count_nonzero(after.model.memory.up[:, 2:]) == 0
+
+    from mtlsp_model.memory import TensorMemory
+    from mtlsp_model.projects import encode_memory, tokenize_files
+
+    files = tokenize_files(tok, [(p.name, p.read_text()) for p in sorted((site / "alphapkg").glob("mod*.py"))])
+    mem = encode_memory(before.model, tok, files)
+    memory = TensorMemory(mem.keys, mem.values, mem.tokens, mem.files)
+    ids = torch.tensor([tok.encode((site / "alphapkg" / "user0.py").read_text())[:120]])
+    with torch.no_grad():
+        a = before.model(ids, memory=memory).logits
+        b = after.model(ids, memory=memory).logits
+    assert torch.allclose(a, b, atol=1e-5)
