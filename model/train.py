@@ -208,6 +208,9 @@ class Trainer:
         self.model, self.run, self.cfg, self.log = model, run, cfg, log
         meta = json.loads((run / "examples.json").read_text())
         self.rows = meta["examples"]
+        if cfg.cross_weight != 1.0 and any("cross_at" not in r for r in self.rows):
+            raise SystemExit(f"{run} was prepared before examples recorded their cross-file tokens; "
+                             "--cross-weight needs a new run folder")
         self.first = meta["first_memory_layer"]
         data = torch.load(run / "examples.pt")
         self.hidden, self.targets = data["hidden"], data["targets"]
@@ -243,7 +246,7 @@ class Trainer:
         """Which of example ``i``'s targets are cross-file identifier tokens (what evaluation singles out)."""
         row = self.rows[i]
         mask = torch.zeros(len(row["ids"]) - row["first"], dtype=torch.bool)
-        mask[row.get("cross_at", [])] = True
+        mask[row.get("cross_at", [])] = True  # caches prepared before cross_at: none marked
         return mask
 
     def predictions(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:

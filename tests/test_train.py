@@ -113,6 +113,15 @@ def test_cross_file_identifier_tokens_are_marked_and_can_weigh_more(tiny_weights
     assert training["config"]["cross_weight"] == 4
     assert all(h["nll_cross"] > 0 for h in training["history"])
 
+    # caches prepared before examples recorded cross_at cannot weigh anything: said, not ignored
+    meta = json.loads((run / "examples.json").read_text())
+    for r in meta["examples"]:
+        del r["cross_at"]
+    (run / "examples.json").write_text(json.dumps(meta))
+    with pytest.raises(SystemExit, match="--cross-weight needs a new run folder"):
+        cli(["train", "--weights", str(tiny_weights), "--out", str(run), "--root", str(site), "--steps", "2",
+             "--cross-weight", "4"])
+
     logp = torch.log_softmax(torch.tensor([[2.0, 0.0], [0.0, 2.0], [1.0, 1.0]]), -1)
     ids = torch.tensor([0, 0, 1])
     token_nll = -logp[torch.arange(3), ids]
