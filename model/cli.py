@@ -85,8 +85,9 @@ def cmd_train(a: argparse.Namespace) -> None:
     loaded = _load(a)
     model = loaded.model
     if a.heads or a.adapter_rank is not None:
-        heads = tuple(tuple(int(x) for x in h.lstrip("L").split("H")) for h in a.heads.split(",")) if a.heads \
-            else loaded.config.memory_heads
+        heads = loaded.config.memory_heads
+        if a.heads:
+            heads = tuple(tuple(int(x) for x in h.lstrip("L").split("H")) for h in a.heads.split(","))
         rank = loaded.config.adapter_rank if a.adapter_rank is None else a.adapter_rank
         model = _with_memory(loaded, heads, rank, keep_trained=a.warm_start)
     cfg = TrainConfig(examples=a.examples, steps=a.steps, window=a.window, accumulate=a.accumulate, lr=a.lr,

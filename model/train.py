@@ -112,8 +112,11 @@ class Example:
     file: int
     ids: list[int]  # header + window
     first: int  # where the window's tokens start
-    cross: int  # cross-file identifier tokens in it
-    cross_at: list[int]  # their positions in the window
+    cross_at: list[int]  # where its cross-file identifier tokens are, in the window
+
+    @property
+    def cross(self) -> int:
+        return len(self.cross_at)
 
 
 def choose_examples(tok: Tokenizer, projects: list[list[SourceFile]], cfg: TrainConfig, rng: random.Random,
@@ -129,7 +132,7 @@ def choose_examples(tok: Tokenizer, projects: list[list[SourceFile]], cfg: Train
                 b = min(len(f.ids), a + cfg.window)
                 at = [int(j) for j in cross[a:b].nonzero()[0]]
                 if len(at) >= cfg.min_cross and b - a >= 32:
-                    candidates.append(Example(pi, fi, f.ids[: f.first] + f.ids[a:b], f.first, len(at), at))
+                    candidates.append(Example(pi, fi, f.ids[: f.first] + f.ids[a:b], f.first, at))
     rng.shuffle(candidates)
     return candidates[: cfg.examples]
 
@@ -263,13 +266,16 @@ class Trainer:
         f = row["first"]
         return out.logits[0, f - 1 : -1], ids[0, f:].to(device)
 
+    def teacher(self, i: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The teacher's top tokens for example ``i`` (None where the run has no teacher)."""
+        return self.targets[i] if self.targets else None
+
     def example_loss(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         logp, ids = self.predictions(i)
-        targets = self.targets[i] if self.targets else None
         weights = None
         if self.cfg.cross_weight != 1.0:
             weights = 1.0 + (self.cfg.cross_weight - 1.0) * self.cross_mask(i).float().to(ids.device)
-        return distill_loss(logp, targets, ids, self.cfg.kl_weight, self.cfg.lm_weight, weights)
+        return distill_loss(logp, self.teacher(i), ids, self.cfg.kl_weight, self.cfg.lm_weight, weights)
 
     @torch.no_grad()
     def held_out_loss(self) -> dict:
@@ -278,8 +284,7 @@ class Trainer:
         n_cross = 0
         for i in self.held:
             logp, ids = self.predictions(i)
-            targets = self.targets[i] if self.targets else None
-            _, k, n = distill_loss(logp, targets, ids, self.cfg.kl_weight, self.cfg.lm_weight)
+            _, k, n = distill_loss(logp, self.teacher(i), ids, self.cfg.kl_weight, self.cfg.lm_weight)
             kl, nll = kl + float(k), nll + float(n)
             mask = self.cross_mask(i).to(ids.device)
             cross -= float(logp.gather(-1, ids[:, None])[:, 0][mask].sum())
