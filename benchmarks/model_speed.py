@@ -5,6 +5,12 @@
 - one decoding step with the memory, and without;
 - the bits-per-token cost of the serving precision against float32, on a few files.
 
+``--against WEIGHTS``: instead, the shipped weights and WEIGHTS in alternating rounds on the same
+prompts and memory: a prompt, a decoding step and a pass over 16 tokens (as ghost text's guesses
+and the ranking's trie read them), each with the memory. Trained parameters change what a
+memory read costs; this VM's speed drifts by 10-20% between runs, so only a same-run
+comparison shows what they cost.
+
 ``--profile``: instead, where the time of encoding and of reading a prompt (no memory) goes,
 by torch operator (the profiler's self CPU time), to see how far each is from
 ``ceiling.py``'s bound and what stands between.
@@ -15,6 +21,8 @@ the prompts are windows of the repository's own files.
     python benchmarks/model_speed.py --repo /work/evalrepos/flask --out /tmp/model_speed.json
     python benchmarks/model_speed.py --repo /work/evalrepos/flask --out /tmp/profile.json \
         --profile --encode-tokens 12000
+    python benchmarks/model_speed.py --repo /work/evalrepos/flask --out /tmp/ab.json \
+        --against runs/mem3/weights --cache-dir /work/runs/evalcache
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ import torch
 from mtlsp_model.evaluate import score_file
 from mtlsp_model.projects import SourceFile
 from mtlsp_model.tokenizer import Tokenizer
+from mtlsp_model.runtime import for_inference
 from mtlsp_model.weights import load_weights
 from torch.profiler import profile
 
@@ -104,6 +113,32 @@ def timings(decoder: Decoder, memory, batch: list[list[int]], steps: int) -> dic
             "prompts": len(batch), "steps": len(step)}
 
 
+def against(engine: Engine, other: Path, memory, batch: list[list[int]], rounds: int) -> dict:
+    """Medians (ms) of a prompt, a step and a 16-token pass, all with ``memory``, for the shipped
+    weights and ``other``'s, the two read in turns prompt by prompt."""
+    loaded = load_weights(other)
+    decoders = {"shipped": engine.decoder,
+                str(other): Decoder(for_inference(loaded.model, engine.device), engine.loaded.tokenizer)}
+    times: dict[str, dict[str, list[float]]] = {k: {"prefill": [], "step": [], "pass16": []} for k in decoders}
+    for r in range(rounds):
+        for ids in batch:
+            for name, decoder in (decoders.items() if r % 2 == 0 else reversed(decoders.items())):
+                t = time.perf_counter()
+                ctx = decoder.prefill(ids[:-16], memory)
+                times[name]["prefill"].append(time.perf_counter() - t)
+                t = time.perf_counter()
+                decoder.step([ctx], [ids[-16]], memory)
+                times[name]["step"].append(time.perf_counter() - t)
+                t = time.perf_counter()
+                decoder.extend(ctx, ids[-16:], memory)
+                times[name]["pass16"].append(time.perf_counter() - t)
+    out = {name: {k: round(median_ms(v), 1) for k, v in t.items()} for name, t in times.items()}
+    first, second = out.values()
+    out["ratio"] = {k: round(second[k] / first[k], 3) for k in first}
+    out["samples"] = rounds * len(batch)
+    return out
+
+
 def time_shares(run: Callable[[], None]) -> dict:
     """``run``'s self CPU time by torch operator: seconds and share of the whole, largest first
     (the operators under 1% together as ``other``)."""
@@ -159,6 +194,9 @@ def main() -> None:
     ap.add_argument("--encode-tokens", type=int, default=60_000)
     ap.add_argument("--precision-files", type=int, default=4)
     ap.add_argument("--profile", action="store_true", help="only where encoding's and a prompt's time goes")
+    ap.add_argument("--against", type=Path, help="only: the shipped weights against these, in turns")
+    ap.add_argument("--rounds", type=int, default=4, help="with --against: passes over the prompts")
+    ap.add_argument("--cache-dir", help="reuse the repository's store from this cache (default: a fresh one)")
     a = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     engine = Engine.load(None, "auto")
@@ -172,10 +210,12 @@ def main() -> None:
         a.out.write_text(json.dumps(result, indent=2))
         print(json.dumps(result, indent=2))
         return
-    result["encode"] = encode_rate(engine, encode_jobs(engine.encoder, a.repo, files, a.encode_tokens))
-    print(json.dumps(result["encode"]), flush=True)
-    with tempfile.TemporaryDirectory() as cache:
-        store, indexer = engine.open_memory(a.repo, cap_tokens=10**7, cache_root=cache, ann_background=False)
+    if not a.against:
+        result["encode"] = encode_rate(engine, encode_jobs(engine.encoder, a.repo, files, a.encode_tokens))
+        print(json.dumps(result["encode"]), flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        store, indexer = engine.open_memory(a.repo, cap_tokens=10**7, cache_root=a.cache_dir or tmp,
+                                            ann_background=False)
         report = indexer.refresh()
         store.wait_for_index()
         stats = store.stats()
@@ -184,6 +224,13 @@ def main() -> None:
         print(json.dumps(result["memory"]), flush=True)
         memory = StoreMemory(store)
         batch = prompts(engine.loaded.tokenizer, a.repo, files, a.prompts, 384, seed=0)
+        if a.against:
+            against(engine, a.against, memory, batch[:2], 1)  # warm-up
+            result["against"] = against(engine, a.against, memory, batch, a.rounds)
+            result["command"] += f" --against {a.against} --rounds {a.rounds}"
+            a.out.write_text(json.dumps(result, indent=2))
+            print(json.dumps(result, indent=2))
+            return
         timings(engine.decoder, memory, batch[:2], 2)  # warm-up
         result["with_memory"] = timings(engine.decoder, memory, batch, a.steps)
         result["without_memory"] = timings(engine.decoder, None, batch, a.steps)

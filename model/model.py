@@ -63,6 +63,8 @@ class ModelConfig:
     mem_distance: int = 512  # retrieved entries are read as if this many tokens back
     adapter_rank: int = 8
     mem_bias_init: float = -2.0
+    value_rank: int = 0  # rank of an adapter on the values the memory heads read (0: none)
+    copy_context: bool = False  # the kNN copy's gate also reads the final hidden state
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_head or self.n_head % self.n_kv_head:
@@ -308,7 +310,13 @@ class Block(nn.Module):
 
 
 class MemoryParams(nn.Module):
-    """The trained part: per memory head a logit bias and a low-rank query adapter; the copy gate."""
+    """The trained part: per memory head a logit bias and a low-rank query adapter; the copy gate.
+
+    Optional (``value_rank``, ``copy_context``): a low-rank adapter on the retrieved values, so
+    a memory head can pass on what an entry holds differently from a local key's value, and a
+    copy gate that depends on the position (a linear read of the final hidden state), so the
+    copy is trusted where the next token is a name and not elsewhere.  Both start as no change.
+    """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -319,6 +327,10 @@ class MemoryParams(nn.Module):
         # kNN copy: p = (1 - g) p_model + g p_copy with g = sigmoid(copy_gate) * memory share;
         # -4 starts it practically off, so an untrained model is the base plus memory attention.
         self.copy_gate = nn.Parameter(torch.tensor(-4.0))
+        rv = cfg.value_rank
+        self.value_down = nn.Parameter(torch.randn(n, cfg.head_dim, rv) / math.sqrt(cfg.head_dim)) if rv else None
+        self.value_up = nn.Parameter(torch.zeros(n, rv, cfg.head_dim)) if rv else None
+        self.copy_proj = nn.Parameter(torch.zeros(cfg.d_model)) if cfg.copy_context else None
 
 
 class MemorizingTransformer(nn.Module):
@@ -409,7 +421,7 @@ class MemorizingTransformer(nn.Module):
         h = self.norm(x[:, -1:] if last_only else x)
         logp = torch.log_softmax(self.output(h).float(), dim=-1)
         if copy and reads:
-            logp = self.mix_copy(logp, reads, last_only)
+            logp = self.mix_copy(logp, reads, last_only, h)
         return Output(logp, kv, reads)
 
     @torch.no_grad()
@@ -495,7 +507,11 @@ class MemorizingTransformer(nn.Module):
             mem = mem.masked_fill(~got.mask, float("-inf"))
             w = torch.softmax(torch.cat((local, mem), dim=-1).float(), dim=-1).to(q.dtype)
             S = local.shape[-1]
-            o = w[..., :S] @ v[:, kvh].unsqueeze(1) + torch.einsum("bgtk,bgtkd->bgtd", w[..., S:], got.values.to(q.dtype))
+            values = got.values.to(q.dtype)
+            if mp.value_up is not None:
+                values = values + torch.einsum("bgtkd,gdr,gre->bgtke", values, mp.value_down[ms].to(q.dtype),
+                                               mp.value_up[ms].to(q.dtype))
+            o = w[..., :S] @ v[:, kvh].unsqueeze(1) + torch.einsum("bgtk,bgtkd->bgtd", w[..., S:], values)
             out[:, hs, F0:] = o
             for g, m in enumerate(ms):
                 reads.append(Read(m, _pad(w[:, g, :, S:], F0, 0), _pad(got.tokens[:, g], F0, -1),
@@ -512,9 +528,10 @@ class MemorizingTransformer(nn.Module):
             got = self._fixed[(dtype, device)] = (cos[0].to(dtype), sin[0].to(dtype))
         return got
 
-    def mix_copy(self, logp: Tensor, reads: list[Read], last_only: bool) -> Tensor:
+    def mix_copy(self, logp: Tensor, reads: list[Read], last_only: bool, h: Tensor | None = None) -> Tensor:
         """log((1 - g) p_model + g p_copy): p_copy puts each memory head's attention on the tokens
-        of the entries it read; g grows with the share of attention that went to the memory.
+        of the entries it read; g grows with the share of attention that went to the memory
+        (and, with ``copy_context``, with a linear read of ``h``, the final hidden states).
 
         p_copy is zero but for the few hundred tokens read at a position, where the mix is
         log(1 - g) + log p_model; only those cells are computed one by one.  (Mixing the whole
@@ -527,7 +544,11 @@ class MemorizingTransformer(nn.Module):
         flat_w = weights.permute(1, 2, 0, 3).flatten(2)  # (B, T, M*k)
         flat_t = tokens.permute(1, 2, 0, 3).flatten(2).clamp(min=0)
         total = flat_w.sum(-1)  # (B, T)
-        g = torch.sigmoid(self.memory.copy_gate) * share * (total > 0)
+        gate = self.memory.copy_gate
+        if self.memory.copy_proj is not None:  # h is required then
+            # scaled so that the read moves as slowly as an adapter's weights while it trains
+            gate = gate + h.float() @ self.memory.copy_proj.float() / math.sqrt(h.shape[-1])  # (B, T)
+        g = torch.sigmoid(gate) * share * (total > 0)
         out = logp + torch.log1p(-g).unsqueeze(-1)
         # the (position, token) cells the memory read, each once, with the attention they got
         rows = torch.arange(B * T, device=logp.device).view(B, T, 1)

@@ -230,8 +230,10 @@ class Trainer:
         self.params = list(model.memory.parameters())
         for p in self.params:
             p.requires_grad_(True)
-        scalars = [p for p in self.params if p.dim() <= 1]
-        matrices = [p for p in self.params if p.dim() > 1]
+        # the per-head biases and the copy gate's constant move faster than the weights
+        fast = {"bias", "copy_gate"}
+        scalars = [p for n, p in model.memory.named_parameters() if n in fast]
+        matrices = [p for n, p in model.memory.named_parameters() if n not in fast]
         self.opt = torch.optim.Adam([{"params": matrices, "scale": 1.0}, {"params": scalars, "scale": 10.0}], lr=cfg.lr)
         # bfloat16 products where this CPU has fast ones (2 cores go further); float32 elsewhere
         self.autocast = model.embed.weight.device.type == "cpu" and cpu_product_dtype() == torch.bfloat16

@@ -180,6 +180,36 @@ def test_a_planted_entry_is_read_and_changes_the_next_token(model, tok):
     assert not torch.allclose(planted.logits[0, -1], out.logits[0, -1], atol=1e-3)
 
 
+def test_value_adapter_and_context_copy_gate_start_as_no_change_and_train(model, tok):
+    """``value_rank``/``copy_context``: the new parts change nothing until trained, then change
+    what the memory heads read and how much the copy is trusted, and gradients reach them."""
+    cfg = model.cfg.with_memory(value_rank=2, copy_context=True)
+    grown = MemorizingTransformer(cfg)
+    grown.load_state_dict(model.state_dict(), strict=False)
+    mem = memory_of(model, tok, [SRC])
+    ids = ids_of(tok, "y = total(lines)\n")
+    with torch.no_grad():
+        model.memory.copy_gate.fill_(0.0)
+        grown.memory.copy_gate.fill_(0.0)
+        torch.testing.assert_close(grown(ids, memory=mem).logits, model(ids, memory=mem).logits)
+    for p in grown.parameters():
+        p.requires_grad_(False)
+    for p in grown.memory.parameters():
+        p.requires_grad_(True)
+    out = grown(ids, memory=mem)
+    (-out.logits[0, :-1].gather(-1, ids[0, 1:, None]).mean()).backward()
+    assert grown.memory.value_up.grad.abs().sum() > 0 and grown.memory.copy_proj.grad.abs().sum() > 0
+    with torch.no_grad():
+        plain = grown(ids, memory=mem, copy=False).logits
+        grown.memory.value_up.normal_()
+        assert not torch.allclose(grown(ids, memory=mem, copy=False).logits, plain, atol=1e-4)
+        grown.memory.value_up.zero_()
+        mixed = grown(ids, memory=mem).logits
+        grown.memory.copy_proj.normal_()
+        assert not torch.allclose(grown(ids, memory=mem).logits, mixed, atol=1e-4)
+        torch.testing.assert_close(grown(ids, memory=mem, copy=False).logits, plain)  # the gate only
+
+
 def test_gradient_reaches_only_the_memory_parameters(model, tok):
     mem = memory_of(model, tok, [SRC])
     for p in model.parameters():

@@ -203,19 +203,27 @@ def test_warm_start_adds_heads_and_keeps_the_trained_ones(tiny_base, tiny_weight
     assert info["warm_start"]["heads"] == [[1, 0], [1, 1], [2, 3]]
 
 
-def test_warm_start_with_a_larger_adapter_rank_computes_the_same_until_trained(tiny_base, tiny_weights, site,
-                                                                                tmp_path, tok):
-    """``--adapter-rank R --warm-start``: the trained adapter fills the first components and the
-    new ones start as no change, so the model reads its memory exactly as before training."""
+@pytest.mark.parametrize("change", [("--adapter-rank", "5"), ("--value-rank", "3", "--copy-context")])
+def test_warm_start_with_more_parameters_computes_the_same_until_trained(tiny_base, tiny_weights, site,
+                                                                        tmp_path, tok, change):
+    """``--adapter-rank R`` / ``--value-rank R --copy-context`` with ``--warm-start``: the trained
+    adapter fills the first components and every new part starts as no change, so the model
+    reads its memory exactly as before training."""
     trained = load_weights(tiny_weights).model
     with torch.no_grad():
         trained.memory.up.normal_()  # an adapter that changes the queries
-    weights, run = warm_start(trained, tiny_base, site, tmp_path, "--adapter-rank", "5")
+        trained.memory.copy_gate.fill_(1.0)  # a copy that matters
+    weights, run = warm_start(trained, tiny_base, site, tmp_path, *change)
     before, after = load_weights(weights), load_weights(run / "weights")
-    assert (before.config.adapter_rank, after.config.adapter_rank) == (2, 5)
     assert after.config.memory_heads == before.config.memory_heads
-    assert torch.equal(after.model.memory.down[:, :, :2], before.model.memory.down)
-    assert torch.count_nonzero(after.model.memory.up[:, 2:]) == 0
+    if "--adapter-rank" in change:
+        assert (before.config.adapter_rank, after.config.adapter_rank) == (2, 5)
+        assert torch.equal(after.model.memory.down[:, :, :2], before.model.memory.down)
+        assert torch.count_nonzero(after.model.memory.up[:, 2:]) == 0
+    else:
+        assert (after.config.value_rank, after.config.copy_context) == (3, True)
+        assert torch.equal(after.model.memory.up, before.model.memory.up)
+        assert after.model.memory.value_up.shape == (3, 3, 8) and after.model.memory.copy_proj.shape == (32,)
 
     from mtlsp_model.memory import TensorMemory
     from mtlsp_model.projects import encode_memory, tokenize_files
