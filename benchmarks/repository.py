@@ -19,20 +19,21 @@ from mtlsp.workspace import Engine
 
 
 def parser(doc: str) -> argparse.ArgumentParser:
-    """The script's arguments: ``--repo``, ``--cache-dir`` and ``--out``, then its own."""
+    """The script's arguments: ``--repo``, ``--cache-dir``, ``--out`` and ``--weights``, then its own."""
     ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     ap.add_argument("--repo", type=Path, required=True)
     ap.add_argument("--cache-dir", type=Path, help="as mtlsp eval's (its eval/ folder holds the store)")
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--weights", type=Path, help="other memory-head weights (default: the shipped ones)")
     return ap
 
 
 def open_repository(a: argparse.Namespace,
                     configure: Callable[[Engine], None] | None = None) -> tuple[Engine, Prepared]:
-    """The shipped model on every core (``configure``d before anything is encoded) and the
-    repository ``a.repo`` ready to complete in."""
+    """The shipped model (or ``a.weights``) on every core (``configure``d before anything is
+    encoded) and the repository ``a.repo`` ready to complete in."""
     torch.set_num_threads(os.cpu_count() or 1)
-    engine = Engine.load(None, "auto")
+    engine = Engine.load(a.weights, "auto")
     if configure is not None:
         configure(engine)
     return engine, prepare(engine, a.repo.resolve(), store_root=a.cache_dir)
