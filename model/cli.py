@@ -158,25 +158,23 @@ def _with_memory(loaded, shape: dict, keep_trained: bool = False):
     from .model import MemorizingTransformer
 
     cfg = loaded.config.with_memory(**shape)
-    rank = cfg.adapter_rank
     model = MemorizingTransformer(cfg)
     state = {k: v for k, v in loaded.model.state_dict().items() if not k.startswith("memory.")}
     model.load_state_dict(state, strict=False)
     if keep_trained:
         old = {h: i for i, h in enumerate(loaded.config.memory_heads)}
         new_p, old_p = model.memory, loaded.model.memory
-        r = min(rank, loaded.config.adapter_rank)
+        # each adapter (down, up) keeps the components both ranks have
+        adapters = [(down, up, min(getattr(cfg, rank), getattr(loaded.config, rank)))
+                    for down, up, rank in (("down", "up", "adapter_rank"), ("value_down", "value_up", "value_rank"))]
         with torch.no_grad():
             for i, h in enumerate(cfg.memory_heads):
                 if h in old:
                     new_p.bias[i] = old_p.bias[old[h]]
-                    if r:
-                        new_p.down[i, :, :r] = old_p.down[old[h], :, :r]
-                        new_p.up[i, :r] = old_p.up[old[h], :r]
-                    rv = min(cfg.value_rank, loaded.config.value_rank)
-                    if rv:
-                        new_p.value_down[i, :, :rv] = old_p.value_down[old[h], :, :rv]
-                        new_p.value_up[i, :rv] = old_p.value_up[old[h], :rv]
+                    for down, up, r in adapters:
+                        if r:
+                            getattr(new_p, down)[i, :, :r] = getattr(old_p, down)[old[h], :, :r]
+                            getattr(new_p, up)[i, :r] = getattr(old_p, up)[old[h], :r]
             new_p.copy_gate.copy_(old_p.copy_gate)
             if new_p.copy_proj is not None and old_p.copy_proj is not None:
                 new_p.copy_proj.copy_(old_p.copy_proj)
