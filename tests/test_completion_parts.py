@@ -256,6 +256,18 @@ def test_single_line_cut_at_newline():
     assert st.cut("\n") == 0
 
 
+def test_a_completion_ends_before_a_control_character():
+    """The tiny test model once wrote `ly_discount` and then \x05 forty times: no source holds
+    such bytes and an editor shows them as ^E, so the completion ends before the first one."""
+    st = Stopper(scope("a.py", "x = \n", 4))
+    assert st.cut("ly_discount" + "\x05" * 40) == len("ly_discount")
+    assert st.cut("a\x00") == 1 and st.cut("\x1b[0m") == 0
+    assert st.cut("f(a)\nb\x05") == len("f(a)")  # an earlier end still wins
+    assert st.cut("f(a,\tb)") is None  # a tab is text
+    block = Stopper(scope("a.py", "def f():\n", 9))
+    assert block.cut("    return 1\x7f") == len("    return 1")
+
+
 def test_single_line_cut_before_unmatched_closer():
     st = Stopper(scope("a.py", "foo()", 4))  # prefix 'foo(', suffix ')'
     assert st.cut("x)") == 1

@@ -16,6 +16,7 @@ Peers (Copilot, Tabby) settle this by syntax rather than by token count, and so 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from ..languages import extension, parser_for
@@ -23,6 +24,9 @@ from ..languages import extension, parser_for
 OPENERS = {"(": ")", "[": "]", "{": "}"}
 CLOSERS = {v: k for k, v in OPENERS.items()}
 _COLON_BLOCKS = {".py", ".pyi"}
+# control characters other than tab and line breaks: no source file is written with them, and an
+# editor shows them as ^E; a completion ends before the first one the model writes
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
 @dataclass(frozen=True)
@@ -130,10 +134,13 @@ class Stopper:
 
     def cut(self, text: str) -> int | None:
         """The length of the finished completion if ``text`` already ends it, else None."""
-        loop = _loop_start(text)
+        control = _CONTROL.search(text)
+        head = text if control is None else text[: control.start()]
+        loop = _loop_start(head)
         if loop is not None:
             return loop
-        return self._block_cut(text) if self.scope.multiline else self._line_cut(text)
+        cut = self._block_cut(head) if self.scope.multiline else self._line_cut(head)
+        return cut if cut is not None or control is None else control.start()
 
     def _line_cut(self, text: str) -> int | None:
         newline = text.find("\n")
