@@ -236,11 +236,31 @@ def test_after_a_module_the_names_an_edit_added_a_moment_ago_lead(completer):
     inline = completer.inline(B, "app/report.py", text, len(text), recall, max_tokens=8)
     assert (inline.text + " ").startswith(last) and not inline.text[len(last):len(last) + 1].isidentifier()
     _, listed = completer.popup(B, "app/report.py", text, len(text), recall, items=8)
-    assert len(reads) == 1  # the popup took the ghost text's ranking of the same names
+    assert len(reads) == 2  # the ghost text ranked the new name alone, the popup every name
     words = [c.word for c in listed]
     assert words[0] == last
     rest = sorted((n for n in scores if n != last), key=lambda n: -scores[n][0])
     assert words[1:] == [n for n in rest if n in words[1:]] and words[1] == rest[0]
+
+
+def test_ghost_text_ranks_the_names_an_edit_added_alone(completer):
+    """After ``module.``, ghost text ranks only the names an edit added (they lead whatever the
+    rest score): one pass over their trie, no search of the module's other names
+    (``Decoder.step``), even where the module's trie is too large to read whole."""
+    module = "VAT = 1\nRATE = 2\n\ndef subtotal(x):\n    return x\n\n\ndef fresh_total(x):\n    return x\n"
+    text = "from app import pricing\n\n\ndef report(lines):\n    total = pricing."
+    modules = ModuleNames({"app/pricing.py": module, "app/__init__.py": ""}.get, lambda rel: {"fresh_total"})
+    recall = Recall(None, lambda path, offset: 0, Sources(lambda: [], modules=modules))
+    new_name = len(completer.tok.encode(".fresh_total"))
+    completer.ranker.tree_nodes = new_name + 1  # the new name's trie is read whole, the module's is not
+    steps, tries = [], []
+    step, tree = completer.decoder.step, completer.decoder.tree
+    completer.decoder.step = lambda *a, **k: steps.append(1) or step(*a, **k)
+    completer.decoder.tree = lambda ctx, tokens, *a, **k: tries.append(len(tokens)) or tree(ctx, tokens, *a, **k)
+    inline = completer.inline(A, "app/report.py", text, len(text), recall, max_tokens=8)
+    assert inline.text.startswith("fresh_total") and not steps and len(tries) == 1 and tries[0] <= new_name
+    _, listed = completer.popup(B, "app/report.py", text, len(text), recall, items=8)
+    assert steps and listed[0].word == "fresh_total"  # the popup searches the whole module
 
 
 def test_a_name_static_analysis_lists_outranks_one_it_does_not_by_the_prior(tok):

@@ -489,6 +489,44 @@ def test_ivf_lists_keep_one_byte_per_dimension_and_their_hits_are_scored_exactly
     assert knn.recall_at_k(codes_only, exact_ids) < 1.0
 
 
+def test_many_queries_are_searched_in_pieces_on_another_thread_with_the_same_answer():
+    """A search of many queries (a trie's) runs in row pieces, one on another thread, and
+    answers exactly what one search answers; a decoding step's few queries stay on one thread."""
+    rng = np.random.default_rng(6)
+    centres = keys_like(rng, 40, heads=1)
+    codes, scales = quantize(clustered(rng, centres, 20_000)[:, 0])
+    table = knn.KeyTable(1, DIM)
+    table.reserve(len(codes))
+    slots = np.arange(len(codes))
+    table.put(slots, codes[:, None], scales[:, None])
+    ivf = knn.IvfIndex(slots, codes, scales, table, 0)
+    q = clustered(rng, centres, 100)[:, 0].astype(np.float32)
+    threads = set()
+
+    def scan(rows):
+        threads.add(threading.get_ident())
+        return knn.top_k(q[rows], codes, scales, 16)
+
+    whole = knn.top_k(q, codes, scales, 16)
+    split = knn.in_pieces(scan, len(q), ways=2)
+    assert len(threads) == 2
+    np.testing.assert_array_equal(split[1], whole[1])
+    np.testing.assert_array_equal(split[0], whole[0])
+    threads.clear()
+    knn.in_pieces(scan, 8, ways=2)
+    assert threads == {threading.get_ident()}
+    # the IVF index splits its own scans (its cells are chosen on the calling thread)
+    before = knn._SPLIT_QUERIES
+    try:
+        knn._SPLIT_QUERIES = 10**9
+        one = ivf.search(q, 16)
+    finally:
+        knn._SPLIT_QUERIES = before
+    pieces = ivf.search(q, 16)
+    np.testing.assert_array_equal(pieces[1], one[1])
+    np.testing.assert_array_equal(pieces[0], one[0])
+
+
 def ivf_ids(ivf: knn.IvfIndex) -> list[int]:
     lists = ivf.index.invlists
     return sorted(i for n in range(ivf.nlist)

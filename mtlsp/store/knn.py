@@ -29,9 +29,11 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
 import faiss
@@ -50,6 +52,36 @@ _QUERY_GROUP = 8  # queries scored together by an exact scan
 _PROBE_QUERIES = 256  # queries per head the IVF recall is measured on
 _RERANK = 2  # an IVF search rescores this many times k candidates exactly (``IvfIndex``)
 _RANGE_MARGIN = 0.05  # an IVF head's 8-bit range spans its keys' and this share more on each side
+_SPLIT_QUERIES = 32  # a CPU search of this many queries or more runs in pieces, one per core
+
+
+def in_pieces(search: Callable[[slice], tuple[np.ndarray, np.ndarray]], n: int,
+              ways: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``search(slice(0, n))`` over ``n`` queries, for many queries split by rows across ``ways``
+    threads (the model's own count by default), answered the same.  The CPU searches run
+    single-threaded (see ``top_k`` and ``IvfIndex.search``), which is right for a decoding
+    step's few queries; a trie of 96 names asks 768 at once while the model waits for them,
+    and one core then does all the work.  ``search`` may not call torch (see
+    ``IvfIndex.search``); faiss and numpy release the interpreter lock."""
+    ways = 1 if n < _SPLIT_QUERIES else min(ways or torch.get_num_threads(), n)
+    if ways < 2:
+        return search(slice(0, n))
+    cuts = np.linspace(0, n, ways + 1).astype(int)
+    rest = [_pool().submit(search, slice(a, b)) for a, b in zip(cuts[1:-1], cuts[2:])]
+    got = [search(slice(0, int(cuts[1])))] + [f.result() for f in rest]
+    return np.concatenate([g[0] for g in got]), np.concatenate([g[1] for g in got])
+
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="mtlsp-search")
+        return _POOL
 
 
 class Settings(Protocol):
@@ -359,9 +391,11 @@ class IvfIndex:
     def search(self, queries: np.ndarray, k: int, sel=None, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-k of ``queries`` (nq, D) in the ``nprobe`` best cells, without faiss hiding ``sel``.
 
-        Cells are ranked by one torch product and lists scanned by ``search_preassigned``
-        (single-threaded in faiss's default parallel mode): for three queries, an OpenMP call on a
-        busy 2-core machine waits ~8 ms for its second thread, 40x the search itself.
+        Cells are ranked by one torch product, on this thread (torch called from another
+        thread starts a second team of math threads); the lists are scanned by
+        ``search_preassigned`` (single-threaded in faiss's default parallel mode: for three
+        queries, an OpenMP call on a busy 2-core machine waits ~8 ms for its second thread, 40x
+        the search itself), many queries in pieces (``in_pieces``).
         """
         nprobe = min(nprobe or self.nprobe, self.nlist)
         q = np.ascontiguousarray(queries, dtype=np.float32)
@@ -369,6 +403,11 @@ class IvfIndex:
         # BLAS woke its own threads for 48 queries and waited ~10 ms on the model's
         nearness = (self._half_norms - torch.from_numpy(q) @ self._centroids_t).numpy()
         lists = np.ascontiguousarray(np.argpartition(nearness, nprobe - 1, axis=1)[:, :nprobe], dtype=np.int64)
+        return in_pieces(lambda rows: self._scan(q[rows], lists[rows], k, sel, nprobe), len(q))
+
+    def _scan(self, q: np.ndarray, lists: np.ndarray, k: int, sel, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
+        """The best k of each query's cells ``lists``: faiss's 8-bit scores, then exact ones."""
+        q, lists = np.ascontiguousarray(q), np.ascontiguousarray(lists)
         cell_scores = np.zeros(lists.shape, np.float32)  # unused for inner product without residuals
         wide = _RERANK * k
         D = np.empty((len(q), wide), np.float32)
@@ -672,7 +711,10 @@ class Searcher:
                     if hidden is not None:
                         keep[hidden] = False
                 n = self.keys.used
-                scores[i], slots[i] = top_k(queries[i], self.keys.codes[h, :n], self.keys.scales[h, :n], k, keep)
+                codes, scales = self.keys.codes[h, :n], self.keys.scales[h, :n]
+                q = queries[i]
+                scores[i], slots[i] = in_pieces(lambda rows, q=q, c=codes, s=scales: top_k(q[rows], c, s, k, keep),
+                                                len(q))
         return scores, slots
 
     def _hiding(self, hidden: np.ndarray | None) -> tuple | None:
