@@ -246,7 +246,8 @@ def test_after_a_module_the_names_an_edit_added_a_moment_ago_lead(completer):
 def test_ghost_text_ranks_the_names_an_edit_added_alone(completer):
     """After ``module.``, ghost text ranks only the names an edit added (they lead whatever the
     rest score): one pass over their trie, no search of the module's other names
-    (``Decoder.step``), even where the module's trie is too large to read whole."""
+    (``Decoder.step``), even where the module's trie is too large to read whole.  Where the
+    popup has just ranked the whole module at the same place, ghost text reads nothing more."""
     module = "VAT = 1\nRATE = 2\n\ndef subtotal(x):\n    return x\n\n\ndef fresh_total(x):\n    return x\n"
     text = "from app import pricing\n\n\ndef report(lines):\n    total = pricing."
     modules = ModuleNames({"app/pricing.py": module, "app/__init__.py": ""}.get, lambda rel: {"fresh_total"})
@@ -261,6 +262,12 @@ def test_ghost_text_ranks_the_names_an_edit_added_alone(completer):
     assert inline.text.startswith("fresh_total") and not steps and len(tries) == 1 and tries[0] <= new_name
     _, listed = completer.popup(B, "app/report.py", text, len(text), recall, items=8)
     assert steps and listed[0].word == "fresh_total"  # the popup searches the whole module
+    completer.ranker.tree_nodes = 96  # a module read whole: the popup first, then ghost text reuses it
+    tries.clear()
+    completer.forget(B)
+    completer.popup(B, "app/report.py", text, len(text), recall, items=8)
+    inline = completer.inline(B, "app/report.py", text, len(text), recall, max_tokens=8)
+    assert inline.text.startswith("fresh_total") and len(tries) == 1 and tries[0] > new_name
 
 
 def test_a_name_static_analysis_lists_outranks_one_it_does_not_by_the_prior(tok):

@@ -129,11 +129,10 @@ class Ranker:
         A beam's answer is not kept: it depends on how far the search went (the ghost text's
         stops sooner than the popup's), and each name it finished holds a whole copy of the
         prompt state (18 MB at 384 tokens) where a trie holds one."""
-        question = (head, tuple(names), max_depth, prior)
-        last, self._last = self._last, None  # kept for one more answer at most: a trie is ~40 MB
-        if last is not None and last[0] is ctx and last[1] is memory and last[2] == question:
-            return list(last[3])
-        del last
+        known = self.known(ctx, head, names, memory, max_depth=max_depth, prior=prior)
+        self._last = None  # kept for one more answer at most: a trie is ~40 MB
+        if known is not None:
+            return known
         root, size = _Node(), 0
         for name in names:
             node = root
@@ -155,8 +154,18 @@ class Ranker:
             return found
         found = self._read_whole(ctx, root, memory, prior, cancel)
         found.sort(key=lambda r: -r.logprob)
-        self._last = (ctx, memory, question, found)
+        self._last = (ctx, memory, (head, tuple(names), max_depth, prior), found)
         return list(found)
+
+    def known(self, ctx: Context, head: bytes, names: list[str], memory, *, max_depth: int = 16,
+              prior: Prior = NO_PRIOR) -> list[Ranked] | None:
+        """What ``score`` would answer from the last trie read whole, if that trie was read for
+        this question (same prompt state, memory, names, depth and prior); None otherwise.
+        Reads nothing and keeps the trie for ``score``."""
+        last = self._last
+        if last is None or last[0] is not ctx or last[1] is not memory:
+            return None
+        return list(last[3]) if last[2] == (head, tuple(names), max_depth, prior) else None
 
     def _read_whole(self, ctx: Context, root: _Node, memory, prior: Prior,
                     cancel: threading.Event | None) -> list[Ranked]:
