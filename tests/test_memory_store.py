@@ -391,6 +391,19 @@ def test_readers_see_new_generations(tmp_path):
     assert sorted(store_at(tmp_path).files()) == ["r.py", "w.py"]
 
 
+def test_a_store_read_from_disk_has_room_for_the_first_edits(tmp_path):
+    """Opening a store leaves slots to spare, so that an editor's first edit writes into them
+    instead of copying every array to a larger one."""
+    rng = np.random.default_rng(12)
+    store_at(tmp_path).update([one_chunk(f"f{i}.py", entries(rng, 3000)) for i in range(3)])
+    store = store_at(tmp_path)
+    assert store.stats()["entries"] == 9000
+    arrays = (store._values, store._tokens, store._search.keys.codes)
+    store.update([one_chunk("new.py", entries(rng, 64))])
+    assert store.stats()["entries"] == 9064
+    assert all(a is b for a, b in zip(arrays, (store._values, store._tokens, store._search.keys.codes)))
+
+
 def test_compaction_reclaims_space_and_keeps_results(tmp_path):
     rng = np.random.default_rng(9)
     store = store_at(tmp_path)
