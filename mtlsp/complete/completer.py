@@ -412,17 +412,15 @@ class Completer:
         ``_NAME_FLOOR``; after ``module.`` (a closed pool) the best one however unlikely, and
         the best of those an edit added a moment ago (``pool.first``) before any other.
 
-        Those lead whatever the module's other names score, so they are ranked alone (a trie of
-        a few names, one pass), unless the popup at this keystroke has just ranked the whole
-        module: an editor that asks for the popup first pays one trie read for both, one that
-        asks for ghost text first or alone gets it without waiting for the module's trie (or
-        for a beam search over it, where the module is large)."""
+        Those lead whatever the module's other names score, so they are ranked alone: a trie of
+        a few names, one pass, or no pass where the popup at this keystroke has just read the
+        module's trie (``Ranker.score`` answers from it).  An editor that asks for the popup
+        first pays one trie read for both; one that asks for ghost text first or alone gets it
+        without waiting for the module's trie (or for a beam search over it, where the module
+        is large)."""
         prior = self._prior(pool)
         if pool.first:
-            known = self.ranker.known(ctx, head, pool, memory, prior=prior)
-            lead = [r for r in known or () if r.name in pool.first]
-            return lead[:1] or self.ranker.rank(ctx, head, sorted(pool.first), memory, width=4, top=1, prior=prior,
-                                                cancel=cancel)
+            return self.ranker.rank(ctx, head, sorted(pool.first), memory, width=4, top=1, prior=prior, cancel=cancel)
         floor = None if pool.closed else _NAME_FLOOR
         return self.ranker.rank(ctx, head, pool, memory, width=4, top=1, floor=floor, prior=prior, cancel=cancel)
 

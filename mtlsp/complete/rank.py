@@ -73,7 +73,7 @@ class Ranker:
         cont = [bool(b) and (word_byte(b[0]) or b[0] >= 0x80) for b in tok.token_bytes]
         self._ends = ~torch.tensor(cont)
         self._cache: dict[tuple[bytes, str], list[int]] = {}
-        self._last: tuple[Context, object, tuple, list[Ranked]] | None = None  # see ``score``
+        self._last: tuple[Context, object, tuple, frozenset[str], list[Ranked]] | None = None  # see ``score``
 
     def _tokens(self, head: bytes, name: str) -> list[int]:
         key = (head, name)
@@ -120,19 +120,23 @@ class Ranker:
         those the beam finished before ``top``, ``margin`` and ``floor`` ended its search.  A
         popup keeps them, so that a keystroke can be answered from them (``completer.py``).
 
-        The last trie read whole answers the next ranking of the same prompt state, memory and
-        names: an editor asks for ghost text and the popup at each keystroke, and both rank the
-        same names there (a trie pass of 200-450 ms after one typed letter); it answers any
-        ``width``, ``top``, ``margin`` and ``floor``.  It is kept for that one ranking only, and
+        The last trie read whole answers the next ranking of the same prompt state, memory,
+        depth and prior, of its names or of any of them (a name's score depends on its own path
+        alone): an editor asks for ghost text and the popup at each keystroke, and both rank the
+        same names there (a trie pass of 200-450 ms after one typed letter), or ghost text only
+        the names an edit added among the module's the popup ranked; it answers any ``width``,
+        ``top``, ``margin`` and ``floor``.  It is kept for that one ranking only, and
         dropped before another is computed, so that two tries' logits and keys are never held
         at once (the server's peak memory rose by 140 MB on flask when the last one was kept).
         A beam's answer is not kept: it depends on how far the search went (the ghost text's
         stops sooner than the popup's), and each name it finished holds a whole copy of the
         prompt state (18 MB at 384 tokens) where a trie holds one."""
-        known = self.known(ctx, head, names, memory, max_depth=max_depth, prior=prior)
-        self._last = None  # kept for one more answer at most: a trie is ~40 MB
-        if known is not None:
-            return known
+        last, self._last = self._last, None  # kept for one more answer at most: a trie is ~40 MB
+        if (last is not None and last[0] is ctx and last[1] is memory and last[2] == (head, max_depth, prior)
+                and last[3].issuperset(names)):
+            wanted = set(names)
+            return [r for r in last[4] if r.name in wanted]
+        del last
         root, size = _Node(), 0
         for name in names:
             node = root
@@ -154,18 +158,8 @@ class Ranker:
             return found
         found = self._read_whole(ctx, root, memory, prior, cancel)
         found.sort(key=lambda r: -r.logprob)
-        self._last = (ctx, memory, (head, tuple(names), max_depth, prior), found)
+        self._last = (ctx, memory, (head, max_depth, prior), frozenset(names), found)
         return list(found)
-
-    def known(self, ctx: Context, head: bytes, names: list[str], memory, *, max_depth: int = 16,
-              prior: Prior = NO_PRIOR) -> list[Ranked] | None:
-        """What ``score`` would answer from the last trie read whole, if that trie was read for
-        this question (same prompt state, memory, names, depth and prior); None otherwise.
-        Reads nothing and keeps the trie for ``score``."""
-        last = self._last
-        if last is None or last[0] is not ctx or last[1] is not memory:
-            return None
-        return list(last[3]) if last[2] == (head, tuple(names), max_depth, prior) else None
 
     def _read_whole(self, ctx: Context, root: _Node, memory, prior: Prior,
                     cancel: threading.Event | None) -> list[Ranked]:
