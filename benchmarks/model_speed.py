@@ -42,8 +42,8 @@ import numpy as np
 import torch
 from mtlsp_model.evaluate import score_file
 from mtlsp_model.projects import SourceFile
-from mtlsp_model.tokenizer import Tokenizer
 from mtlsp_model.runtime import for_inference
+from mtlsp_model.tokenizer import Tokenizer
 from mtlsp_model.weights import load_weights
 from torch.profiler import profile
 
