@@ -8,7 +8,9 @@ per keystroke.  Latencies are client-side round trips (JSON-RPC included):
 
 - *keystroke*: every request after the first at a site (the server reuses the prompt's model
   state, or the ghost text it showed when the typed character matches it);
-- *first at a site*: the first request after jumping to a new place (the whole prompt is read).
+- *first at a site*: the first request after jumping to a new place (the whole prompt is read),
+  right after the file is opened, or ``--think-ms`` later (a user reading before typing; the
+  server prepares a file it is told is open, ``docs/server.md``).
 
 The two requests of a keystroke are sent one after the other (the popup once the ghost text has
 come back), or with ``--together`` at once, ghost text first, as an editor that shows both may
@@ -110,6 +112,7 @@ async def run(a: argparse.Namespace) -> dict:
             uri = path.as_uri()
             base = text[:at] + text[line_end:]
             client.text_document_did_open(t.DidOpenTextDocumentParams(t.TextDocumentItem(uri, "python", 1, base)))
+            await asyncio.sleep(a.think_ms / 1000)
             line = text.count("\n", 0, at)
             col = len(text[text.rfind("\n", 0, at) + 1:at].encode("utf-16-le")) // 2
             for k in range(min(a.keystrokes, len(name)) + 1):  # never past the name's end
@@ -165,6 +168,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache-dir", help="reuse a cache (default: a fresh temporary one)")
     ap.add_argument("--together", action="store_true", help="send ghost text and popup requests at once")
+    ap.add_argument("--think-ms", type=float, default=0.0,
+                    help="wait this long after opening a file before the first request (a user reading it)")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
     result = {
