@@ -131,10 +131,9 @@ class Ranker:
         A beam's answer is not kept: it depends on how far the search went (the ghost text's
         stops sooner than the popup's), and each name it finished holds a whole copy of the
         prompt state (18 MB at 384 tokens) where a trie holds one."""
+        question, wanted = (head, max_depth, prior), frozenset(names)
         last, self._last = self._last, None  # kept for one more answer at most: a trie is ~40 MB
-        if (last is not None and last[0] is ctx and last[1] is memory and last[2] == (head, max_depth, prior)
-                and last[3].issuperset(names)):
-            wanted = set(names)
+        if last is not None and last[0] is ctx and last[1] is memory and last[2] == question and wanted <= last[3]:
             return [r for r in last[4] if r.name in wanted]
         del last
         root, size = _Node(), 0
@@ -158,7 +157,7 @@ class Ranker:
             return found
         found = self._read_whole(ctx, root, memory, prior, cancel)
         found.sort(key=lambda r: -r.logprob)
-        self._last = (ctx, memory, (head, max_depth, prior), frozenset(names), found)
+        self._last = (ctx, memory, question, wanted, found)
         return list(found)
 
     def _read_whole(self, ctx: Context, root: _Node, memory, prior: Prior,

@@ -711,10 +711,9 @@ class Searcher:
                     if hidden is not None:
                         keep[hidden] = False
                 n = self.keys.used
-                codes, scales = self.keys.codes[h, :n], self.keys.scales[h, :n]
-                q = queries[i]
-                scores[i], slots[i] = in_pieces(lambda rows, q=q, c=codes, s=scales: top_k(q[rows], c, s, k, keep),
-                                                len(q))
+                codes, scales, q = self.keys.codes[h, :n], self.keys.scales[h, :n], queries[i]
+                # called here and now (``in_pieces`` returns when every piece is done)
+                scores[i], slots[i] = in_pieces(lambda rows: top_k(q[rows], codes, scales, k, keep), len(q))
         return scores, slots
 
     def _hiding(self, hidden: np.ndarray | None) -> tuple | None:
